@@ -1,0 +1,200 @@
+"""The ``unetseg`` command line: models, segment, import-model, train, evaluate, benchmark.
+
+Errors the user can fix print one line (``unetseg: error: ...``) and exit with status 2; nothing is
+written in that case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UNetSegError
+
+
+def _window(text: str | None):
+    if text is None:
+        return None
+    try:
+        level, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UNetSegError(f"--window takes LEVEL,WIDTH in HU (e.g. 40,400), not '{text}'.") from None
+    if width <= 0:
+        raise UNetSegError(f"--window width must be positive, not {width}.")
+    return level, width
+
+
+def cmd_models(args) -> int:
+    from .modelpkg import list_models
+
+    models = list_models()
+    if args.json:
+        print(json.dumps([m.summary() for m in models], indent=2))
+        return 0
+    if not models:
+        print("No models found. Search path: see 'unetseg models --help'.")
+        return 0
+    for m in models:
+        s = m.summary()
+        window = f", window {s['default_window'][0]:g}/{s['default_window'][1]:g}" \
+            if s["default_window"] else ""
+        print(f"{s['id']}  v{s['version']}  [{s['modality']}, inputs: {', '.join(s['inputs'])}{window}]")
+        print(f"    {s['title']}  (licence: {s['licence']})")
+        print(f"    labels: {', '.join(s['labels'])}")
+        if s["performance"]:
+            print(f"    measured: {s['performance']}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .modelpkg import import_model
+
+    package = import_model(args.package, overwrite=args.overwrite)
+    print(f"Installed model '{package.id}' v{package.meta['version']} to {package.path}")
+    return 0
+
+
+def cmd_segment(args) -> int:
+    from .pipeline import segment_files
+
+    segment_files(args.inputs, args.output, model=args.model, device=args.device,
+                  window=_window(args.window), overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                  tta=args.tta, postprocess=not args.no_postprocess, quiet=args.quiet)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train.trainer import TrainConfig, Trainer
+
+    recipe = json.loads(Path(args.recipe).read_text()) if args.recipe else {}
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k in TrainConfig.__annotations__}
+    settings = {**recipe, **overrides}
+    if "window" in settings and isinstance(settings["window"], str):
+        settings["window"] = _window(settings["window"])
+    if not settings.get("model_id"):
+        raise UNetSegError("Give --model-id (or a --recipe that names one) for the trained model.")
+    for key in ("spacing", "patch_size", "flip_axes"):
+        if isinstance(settings.get(key), str):
+            settings[key] = [type_(v) for v, type_ in
+                             zip(settings[key].split(","), [float if key == "spacing" else
+                                                             (int if key == "patch_size" else str)] * 3)]
+    settings["dataset"], settings["output"] = Path(args.dataset), Path(args.output)
+    package = Trainer(TrainConfig(**settings)).run()
+    print(f"Model package: {package}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_cli
+
+    return evaluate_cli(args)
+
+
+def cmd_benchmark(args) -> int:
+    from .benchmark import benchmark_cli
+
+    return benchmark_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unetseg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the available models")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("segment", help="segment a scan (NIfTI/NRRD/MHA file or DICOM folder)")
+    p.add_argument("inputs", nargs="+", help="input volume(s); one per model input channel")
+    p.add_argument("-o", "--output", required=True,
+                   help="output: .nii.gz/.nrrd/.mha label map, or .seg.nrrd Slicer segmentation")
+    p.add_argument("--model", help="model id or package folder (default: the shipped default model)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--window", help="CT window LEVEL,WIDTH in HU, overriding the model's for this run")
+    p.add_argument("--overlap", type=float, help="sliding-window overlap (0-1, default: the model's)")
+    p.add_argument("--sw-batch-size", type=int, help="windows per network call")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower)")
+    p.add_argument("--no-postprocess", action="store_true", help="skip the model's postprocessing")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("import-model", help="validate a model package (folder or .zip) and install it")
+    p.add_argument("package")
+    p.add_argument("--overwrite", action="store_true", help="replace an installed model of the same id")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("train", help="train a model on an nnU-Net v2 dataset folder")
+    p.add_argument("dataset", help="folder with dataset.json, imagesTr/, labelsTr/ (splits.json optional)")
+    p.add_argument("-o", "--output", required=True, help="run folder (checkpoint, curves, model/)")
+    p.add_argument("--recipe", help="JSON file with any of the options below (options win)")
+    p.add_argument("--model-id", dest="model_id")
+    p.add_argument("--title")
+    p.add_argument("--architecture", choices=["UNet", "BasicUNet", "BasicUNetPlusPlus",
+                                              "AttentionUnet", "VNet", "DynUNet", "SegResNet"])
+    p.add_argument("--spatial-dims", dest="spatial_dims", type=int, choices=[2, 3])
+    p.add_argument("--loss", choices=["dice_ce", "dice_focal", "bce_dice"])
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--learning-rate", dest="learning_rate", type=float)
+    p.add_argument("--val-every", dest="val_every", type=int)
+    p.add_argument("--val-fraction", dest="val_fraction", type=float,
+                   help="validation fraction when the dataset has no splits.json")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--spacing", help="x,y,z in mm (default: planned from the data)")
+    p.add_argument("--patch-size", dest="patch_size", help="x,y,z in voxels (default: planned)")
+    p.add_argument("--window", help="CT window LEVEL,WIDTH (default: from label intensities)")
+    p.add_argument("--base-features", dest="base_features", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--elastic", action="store_true", default=None, help="add elastic deformation")
+    p.add_argument("--coarse-dropout", dest="coarse_dropout", action="store_true", default=None)
+    p.add_argument("--flip-axes", dest="flip_axes", help="e.g. y,z (never x for left/right labels)")
+    p.add_argument("--time-limit-min", dest="time_limit_min", type=float,
+                   help="stop (validate, checkpoint, export) after this many minutes")
+    p.add_argument("--num-threads", dest="num_threads", type=int)
+    p.add_argument("--resume", action="store_true", default=None, help="continue from checkpoint.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="Dice/IoU/HD95/volume per case and label, CSV/JSON/PNGs")
+    p.add_argument("--model", help="model to run over a dataset (id or folder)")
+    p.add_argument("--dataset", help="nnU-Net dataset folder (with --model)")
+    p.add_argument("--cases", default="validation", help="'validation', 'train', 'all' or a,b,c")
+    p.add_argument("--pred", help="folder of predicted label maps (instead of --model)")
+    p.add_argument("--ref", help="folder of reference label maps (with --pred)")
+    p.add_argument("-o", "--output", required=True, help="folder for metrics.csv/json and overlays")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--worst", type=int, default=3, help="overlay PNGs for this many worst cases")
+    p.add_argument("--write-performance", action="store_true",
+                   help="store the summary in the model's metadata.json (model authors)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("benchmark", help="our engine vs the MONAI reference pipeline, side by side")
+    p.add_argument("--model", help="model id (default: the default model)")
+    p.add_argument("--case", default="pt_201", help="OpenKBP case to use")
+    p.add_argument("--sizes", default="native,clinical", help="native, clinical (about 512x512x300)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "both"])
+    p.add_argument("--skip-reference", action="store_true", help="only time our engine")
+    p.add_argument("--json", dest="json_path", help="write the results as JSON here")
+    p.set_defaults(func=cmd_benchmark)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UNetSegError as error:
+        print(f"unetseg: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unetseg: interrupted; no output was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Model packages: a folder (or a zip of one) holding ``metadata.json`` and the weights.
+
+Models are data. The metadata is validated against ``schema/model.schema.json``; the network is built
+from MONAI classes on an allow-list (``networks.py``); the weights are loaded with
+``torch.load(weights_only=True)`` (or safetensors) only after their SHA-256 matches the metadata.
+Listing models reads JSON only and never imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .errors import UNetSegError
+
+METADATA_FILE = "metadata.json"
+SCHEMA_PATH = Path(__file__).with_name("schema") / "model.schema.json"
+DEFAULT_MODEL_ID = "openkbp-hn-oar"
+
+
+def shipped_models_dir() -> Path:
+    """Models that ship with the extension: SlicerUNetSeg/Resources/Models."""
+    return Path(__file__).resolve().parent.parent / "Resources" / "Models"
+
+
+def user_models_dir() -> Path:
+    """Where ``unetseg import-model`` installs packages (UNETSEG_USER_MODELS overrides)."""
+    env = os.environ.get("UNETSEG_USER_MODELS")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "unetseg" / "models"
+
+
+def model_search_path() -> list[Path]:
+    """Folders searched for model packages, first match wins: UNETSEG_MODELS_PATH, user, shipped."""
+    paths = [Path(p) for p in os.environ.get("UNETSEG_MODELS_PATH", "").split(os.pathsep) if p]
+    return paths + [user_models_dir(), shipped_models_dir()]
+
+
+@lru_cache(maxsize=1)
+def _schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def validate_metadata(meta: Any, where: str = "metadata.json") -> None:
+    """Raise UNetSegError naming the first problem if ``meta`` does not follow the schema."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(meta), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = errors[0]
+        location = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise UNetSegError(f"Model metadata {where} is invalid at '{location}': {error.message}. "
+                           "Fix the package or ask its author for a valid one.")
+    values = [label["value"] for label in meta["labels"]]
+    names = [label["name"] for label in meta["labels"]]
+    if len(set(values)) != len(values) or len(set(names)) != len(names):
+        raise UNetSegError(f"Model metadata {where} has repeated label values or names.")
+    from .networks import validate_network  # imports no torch
+
+    net = meta["network"]
+    validate_network(net["architecture"], net["spatial_dims"], net["params"])
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class ModelPackage:
+    """A validated model package on disk."""
+
+    path: Path
+    meta: dict[str, Any] = field(repr=False)
+
+    @property
+    def id(self) -> str:
+        return self.meta["id"]
+
+    @property
+    def labels(self) -> list[dict[str, Any]]:
+        return self.meta["labels"]
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label["name"] for label in self.labels]
+
+    @property
+    def multilabel(self) -> bool:
+        return self.meta["output"]["type"] == "multilabel"
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.labels) + (0 if self.multilabel else 1)
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / self.meta["weights"]["file"]
+
+    def summary(self) -> dict[str, Any]:
+        """What ``unetseg models --json`` and the Slicer model selector show."""
+        m = self.meta
+        return {
+            "id": m["id"], "title": m["title"], "version": m["version"], "modality": m["modality"],
+            "description": m["description"], "licence": m["licence"],
+            "inputs": [i["name"] for i in m["inputs"]], "labels": self.label_names,
+            "default_window": _window_of(m), "performance": m.get("performance", {}).get("summary"),
+            "expected_runtime": m.get("expected_runtime"), "path": str(self.path),
+        }
+
+    def load_state_dict(self) -> dict[str, Any]:
+        """Check the weights' SHA-256, then load them without executing code."""
+        path = self.weights_path
+        if not path.is_file():
+            raise UNetSegError(f"Weights file '{path}' of model '{self.id}' is missing; reinstall the "
+                               "model package.")
+        expected = self.meta["weights"]["sha256"]
+        actual = sha256_of(path)
+        if actual != expected:
+            raise UNetSegError(f"Weights file '{path.name}' of model '{self.id}' does not match its "
+                               f"checksum (expected {expected[:12]}..., got {actual[:12]}...): it is "
+                               "damaged or was tampered with. Reinstall the model package.")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        import torch
+
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def _window_of(meta: dict[str, Any]) -> list[float] | None:
+    norm = meta["preprocessing"]["normalization"]
+    return [norm["level"], norm["width"]] if norm["method"] == "ct_window" else None
+
+
+def load_package(path: str | os.PathLike) -> ModelPackage:
+    """Read and validate the package folder at ``path``."""
+    path = Path(path)
+    meta_path = path / METADATA_FILE
+    if not meta_path.is_file():
+        raise UNetSegError(f"'{path}' is not a model package: it has no {METADATA_FILE}.")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UNetSegError(f"{meta_path} is not valid JSON ({error}).") from None
+    validate_metadata(meta, str(meta_path))
+    return ModelPackage(path, meta)
+
+
+def list_models() -> list[ModelPackage]:
+    """Every valid package on the search path (invalid ones are skipped); the first id wins."""
+    found: dict[str, ModelPackage] = {}
+    for folder in model_search_path():
+        if not folder.is_dir():
+            continue
+        for child in sorted(folder.iterdir()):
+            if not (child / METADATA_FILE).is_file():
+                continue
+            try:
+                package = load_package(child)
+            except UNetSegError:
+                continue
+            found.setdefault(package.id, package)
+    return sorted(found.values(), key=lambda p: (p.id != DEFAULT_MODEL_ID, p.id))
+
+
+def get_model(model: str | os.PathLike | None = None) -> ModelPackage:
+    """A model by id, or by the path of a package folder; None gives the default model."""
+    if model is not None and Path(model).is_dir():
+        return load_package(model)
+    wanted = model or DEFAULT_MODEL_ID
+    for package in list_models():
+        if package.id == wanted:
+            return package
+    known = ", ".join(p.id for p in list_models()) or "none"
+    raise UNetSegError(f"Unknown model '{wanted}'. Available models: {known}. Run 'unetseg models' "
+                       "to list them, or 'unetseg import-model PACKAGE' to add one.")
+
+
+def import_model(source: str | os.PathLike, destination: Path | None = None,
+                 overwrite: bool = False) -> ModelPackage:
+    """Validate a package (folder or .zip), check its weights, and copy it into the user folder."""
+    source = Path(source)
+    destination = destination or user_models_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        if source.is_file() and zipfile.is_zipfile(source):
+            with zipfile.ZipFile(source) as archive:
+                for member in archive.namelist():
+                    if member.startswith("/") or ".." in Path(member).parts:
+                        raise UNetSegError(f"'{source.name}' has an unsafe path '{member}'.")
+                archive.extractall(tmp)
+            candidates = [p.parent for p in Path(tmp).rglob(METADATA_FILE)]
+            if len(candidates) != 1:
+                raise UNetSegError(f"'{source.name}' must hold exactly one {METADATA_FILE}.")
+            root = candidates[0]
+        elif source.is_dir():
+            root = source
+        else:
+            raise UNetSegError(f"'{source}' is neither a model package folder nor a .zip of one.")
+        package = load_package(root)
+        expected, actual = package.meta["weights"]["sha256"], sha256_of(package.weights_path) \
+            if package.weights_path.is_file() else None
+        if actual != expected:
+            raise UNetSegError(f"The weights of '{package.id}' are missing or do not match the checksum "
+                               "in its metadata; the package is damaged.")
+        target = destination / package.id
+        if target.exists() and not overwrite:
+            raise UNetSegError(f"A model '{package.id}' is already installed at '{target}'. Use "
+                               "--overwrite to replace it.")
+        destination.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{package.id}.", dir=destination))
+        try:
+            for name in (METADATA_FILE, package.meta["weights"]["file"]):
+                shutil.copy2(root / name, staging / name)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return load_package(target)

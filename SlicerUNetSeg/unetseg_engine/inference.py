@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from itertools import product
 from typing import Any, Callable
@@ -30,6 +31,9 @@ from .preprocess import Box, box_reference, prepare
 ProgressCallback = Callable[[str, float], None]
 CancelCallback = Callable[[], bool]
 REGION_THRESHOLD = 0.01
+
+# MONAI 1.5 indexes tensors with lists, which torch >= 2.9 warns about on every window.
+warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Training: nnU-Net-style planning, MONAI augmentation and losses, model-package export."""

@@ -198,10 +198,19 @@ class Trainer:
                                       weight_decay=cfg.weight_decay)
         warmup = max(1, min(100, cfg.iterations // 20))
 
-        def lr_factor(it: int) -> float:  # linear warm-up, then polynomial decay (nnU-Net's 0.9)
+        budget_s = cfg.time_limit_min * 60 if cfg.time_limit_min else None
+        clock = {"start": time.time(), "offset": 0.0}
+
+        def lr_factor(it: int) -> float:
+            """Linear warm-up, then nnU-Net's polynomial decay (power 0.9). With a time limit, the
+            decay follows whichever budget (iterations or time) is used up faster, so a run cut by
+            the clock still ends with a small learning rate."""
             if it < warmup:
                 return (it + 1) / warmup
-            return (1 - (it - warmup) / max(1, cfg.iterations - warmup)) ** 0.9
+            done = (it - warmup) / max(1, cfg.iterations - warmup)
+            if budget_s:
+                done = max(done, (clock["offset"] + time.time() - clock["start"]) / budget_s)
+            return max(0.0, 1 - min(done, 1.0)) ** 0.9
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
@@ -270,7 +279,7 @@ class Trainer:
             tmp.replace(ckpt_path)
 
         network.train()
-        deadline = t0 + cfg.time_limit_min * 60 if cfg.time_limit_min else math.inf
+        deadline = time.time() + budget_s if budget_s else math.inf
         tick, it = time.time(), start_it
         for it in range(start_it, cfg.iterations):
             images, labels = batch()

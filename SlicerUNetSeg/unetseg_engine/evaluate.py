@@ -1,0 +1,254 @@
+"""``unetseg evaluate``: per-case, per-label Dice, IoU, HD95 and volume difference.
+
+Either runs a model over cases of an nnU-Net dataset (on each scan's own grid, the way a user gets the
+result), or compares two folders of label maps with matching file names. Writes ``metrics.csv``,
+``metrics.json`` (cases and summary), a table on the terminal, and overlay PNGs of the worst cases.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import UNetSegError
+from .metrics import label_metrics
+
+METRICS = ("dice", "iou", "hd95_mm", "volume_diff_ml")
+
+
+def compare_label_maps(pred: sitk.Image, ref: sitk.Image, labels: dict[int, str]) -> dict[str, dict]:
+    """Metrics per label name for two label maps on the same grid."""
+    if pred.GetSize() != ref.GetSize() or not np.allclose(pred.GetSpacing(), ref.GetSpacing(),
+                                                          atol=1e-4):
+        raise UNetSegError(f"Prediction grid {pred.GetSize()} / {pred.GetSpacing()} differs from the "
+                           f"reference grid {ref.GetSize()} / {ref.GetSpacing()}; resample the "
+                           "prediction onto the reference first.")
+    p, r = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(ref)
+    spacing_zyx = ref.GetSpacing()[::-1]
+    return {name: label_metrics(p == value, r == value, spacing_zyx) for value, name in labels.items()}
+
+
+def summarize(cases: list[dict[str, Any]], label_names: list[str]) -> dict[str, Any]:
+    """Mean and standard deviation per label and metric; NaN HD95 (one mask empty) is left out."""
+    summary: dict[str, Any] = {"per_label": {}, "n_cases": len(cases)}
+    for name in label_names:
+        entry = {}
+        for metric in METRICS:
+            values = np.array([c["labels"][name][metric] for c in cases], dtype=float)
+            finite = values[np.isfinite(values)]
+            entry[metric] = float(finite.mean()) if finite.size else float("nan")
+            entry[metric + "_std"] = float(finite.std()) if finite.size else float("nan")
+        summary["per_label"][name] = entry
+    dices = [summary["per_label"][n]["dice"] for n in label_names]
+    summary["mean_dice"] = float(np.mean(dices))
+    summary["min_dice"] = float(np.min(dices))
+    summary["mean_hd95_mm"] = float(np.nanmean([summary["per_label"][n]["hd95_mm"]
+                                                for n in label_names]))
+    return summary
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print(f"{'label':<16}{'Dice':>8}{'IoU':>8}{'HD95 mm':>10}{'dVol ml':>10}")
+    for name, m in summary["per_label"].items():
+        print(f"{name:<16}{m['dice']:>8.3f}{m['iou']:>8.3f}{m['hd95_mm']:>10.2f}"
+              f"{m['volume_diff_ml']:>10.2f}")
+    print(f"{'mean':<16}{summary['mean_dice']:>8.3f}{'':>8}{summary['mean_hd95_mm']:>10.2f}"
+          f"   ({summary['n_cases']} cases)")
+
+
+def write_reports(out: Path, cases: list[dict[str, Any]], summary: dict[str, Any],
+                  extra: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case", "label", *METRICS, "volume_pred_ml", "volume_ref_ml"])
+        for case in cases:
+            for name, m in case["labels"].items():
+                writer.writerow([case["case"], name, *[_fmt(m[k]) for k in METRICS],
+                                 _fmt(m["volume_pred_ml"]), _fmt(m["volume_ref_ml"])])
+    payload = {**extra, "summary": summary, "cases": cases}
+    (out / "metrics.json").write_text(json.dumps(payload, indent=2, allow_nan=False))
+
+
+def _fmt(value: float) -> str:
+    return "" if not math.isfinite(value) else f"{value:.4f}"
+
+
+def _json_safe(obj):
+    """NaN is not JSON: write it as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def overlay_png(path: Path, image: sitk.Image, pred: sitk.Image, ref: sitk.Image,
+                labels: dict[int, tuple[str, list[int]]], title: str,
+                window: tuple[float, float] | None) -> None:
+    """Axial, coronal and sagittal slices through the reference's centre: reference contours as
+    solid lines, prediction as dashed lines, one colour per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = sitk.GetArrayViewFromImage(image).astype(np.float32)
+    p, r = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(ref)
+    level, width = window or (float(np.percentile(img, 50)), float(np.ptp(img)) or 1.0)
+    centre = [int(np.mean(np.nonzero(r > 0)[a])) if (r > 0).any() else img.shape[a] // 2
+              for a in range(3)]
+    sz, sy, sx = image.GetSpacing()[::-1]
+    # superior at the top: flip the rows when k runs towards superior (LPS z > 0)
+    up = slice(None, None, -1) if image.GetDirection()[8] > 0 else slice(None)
+    views = [("axial", lambda a: a[centre[0]], sy / sx),
+             ("coronal", lambda a: a[:, centre[1], :][up], sz / sx),
+             ("sagittal", lambda a: a[:, :, centre[2]][up], sz / sy)]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
+    for ax, (name, cut, aspect) in zip(axes, views):
+        ax.imshow(cut(img), cmap="gray", vmin=level - width / 2, vmax=level + width / 2, aspect=aspect)
+        for value, (label_name, color) in labels.items():
+            c = np.array(color) / 255.0
+            if (cut(r) == value).any():
+                ax.contour(cut(r) == value, levels=[0.5], colors=[c], linewidths=1.2)
+            if (cut(p) == value).any():
+                ax.contour(cut(p) == value, levels=[0.5], colors=[c], linewidths=1.2,
+                           linestyles="dashed")
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(f"{title}  (solid: reference, dashed: prediction)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def evaluate_model(model: str | None, dataset_dir: str, cases_sel: str, out: Path, device: str = "auto",
+                   tta: bool = False, worst: int = 3) -> dict[str, Any]:
+    """Run a model over dataset cases and compare with their reference labels."""
+    from .imageio import read_image
+    from .inference import Predictor
+    from .modelpkg import get_model
+    from .train.dataset import load_dataset
+
+    package = get_model(model)
+    dataset = load_dataset(dataset_dir)
+    train, val = dataset.split()
+    chosen = {"validation": val, "train": train, "all": dataset.cases}.get(cases_sel)
+    if chosen is None:
+        names = set(cases_sel.split(","))
+        chosen = [c for c in dataset.cases if c.name in names]
+        missing = names - {c.name for c in chosen}
+        if missing:
+            raise UNetSegError(f"Unknown case(s) {sorted(missing)} in {dataset_dir}.")
+    labels = {label["value"]: label["name"] for label in package.labels}
+    predictor = Predictor(device=device, tta=tta)
+    predictor.load(package)
+    results, kept = [], []
+    for case in chosen:
+        images = [read_image(p) for p in case.images]
+        ref = sitk.ReadImage(str(case.label))
+        result = predictor.predict(images)
+        metrics = compare_label_maps(result.label_map, ref, labels)
+        results.append({"case": case.name, "labels": metrics,
+                        "mean_dice": float(np.mean([m["dice"] for m in metrics.values()])),
+                        "timings": result.timings})
+        kept.append((images[0], result.label_map, ref))
+        print(f"{case.name}: mean Dice {results[-1]['mean_dice']:.3f}", flush=True)
+    summary = summarize(results, list(labels.values()))
+    norm = package.meta["preprocessing"]["normalization"]
+    window = (norm["level"], norm["width"]) if norm["method"] == "ct_window" else None
+    order = np.argsort([r["mean_dice"] for r in results])[:worst]
+    colours = {label["value"]: (label["name"], label["color"]) for label in package.labels}
+    out.mkdir(parents=True, exist_ok=True)
+    for i in order:
+        overlay_png(out / f"worst_{results[i]['case']}.png", *kept[i], colours,
+                    f"{results[i]['case']}: mean Dice {results[i]['mean_dice']:.3f}", window)
+    extra = {"model": package.id, "model_version": package.meta["version"], "dataset": str(dataset_dir),
+             "device": predictor.device, "tta": tta}
+    write_reports(out, _json_safe(results), _json_safe(summary), extra)
+    return {"summary": summary, "cases": results, "package": package}
+
+
+def evaluate_folders(pred_dir: str, ref_dir: str, out: Path, model: str | None) -> dict[str, Any]:
+    """Compare label maps with the same file names in two folders."""
+    pred_dir_p, ref_dir_p = Path(pred_dir), Path(ref_dir)
+    refs = sorted(p for p in ref_dir_p.iterdir() if p.name.endswith((".nii.gz", ".nii", ".nrrd",
+                                                                     ".mha")))
+    if not refs:
+        raise UNetSegError(f"No label maps (.nii.gz, .nrrd, .mha) in '{ref_dir}'.")
+    if model:
+        from .modelpkg import get_model
+
+        labels = {label["value"]: label["name"] for label in get_model(model).labels}
+    else:
+        values = set()
+        for p in refs:
+            values |= set(np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(p)))).tolist())
+        labels = {int(v): f"label_{int(v)}" for v in sorted(values) if v != 0}
+    results = []
+    for ref_path in refs:
+        pred_path = pred_dir_p / ref_path.name
+        if not pred_path.is_file():
+            raise UNetSegError(f"No prediction '{ref_path.name}' in '{pred_dir}' for the reference of "
+                               "the same name.")
+        metrics = compare_label_maps(sitk.ReadImage(str(pred_path)), sitk.ReadImage(str(ref_path)),
+                                     labels)
+        name = ref_path.name.split(".")[0]
+        results.append({"case": name, "labels": metrics,
+                        "mean_dice": float(np.mean([m["dice"] for m in metrics.values()]))})
+    summary = summarize(results, list(labels.values()))
+    write_reports(out, _json_safe(results), _json_safe(summary), {"pred": pred_dir, "ref": ref_dir})
+    return {"summary": summary, "cases": results}
+
+
+def evaluate_cli(args) -> int:
+    out = Path(args.output)
+    if args.pred or args.ref:
+        if not (args.pred and args.ref):
+            raise UNetSegError("Give both --pred and --ref folders to compare label maps.")
+        report = evaluate_folders(args.pred, args.ref, out, args.model)
+    else:
+        if not args.dataset:
+            raise UNetSegError("Give --dataset (with --model) or --pred and --ref.")
+        report = evaluate_model(args.model, args.dataset, args.cases, out, args.device, args.tta,
+                                args.worst)
+        if args.write_performance:
+            write_performance(report, args.dataset, args.cases, args.tta)
+    print_table(report["summary"])
+    print(f"Wrote {out / 'metrics.csv'} and {out / 'metrics.json'}")
+    return 0
+
+
+def write_performance(report: dict[str, Any], dataset: str, cases: str, tta: bool) -> None:
+    """Record measured accuracy in the model's metadata (the weights, and so the checksum, stay)."""
+    import platform
+
+    from .imageio import atomic_write
+    from .modelpkg import METADATA_FILE
+
+    package = report["package"]
+    s = report["summary"]
+    meta = dict(package.meta)
+    meta["performance"] = {
+        "summary": f"mean Dice {s['mean_dice']:.3f} (min {s['min_dice']:.3f}) on {s['n_cases']} "
+                   f"{cases} cases",
+        "dataset": Path(dataset).name, "cases": [c["case"] for c in report["cases"]],
+        "method": "unetseg evaluate: full pipeline on each scan's own grid against the clinical "
+                  "contours; Dice/IoU/HD95 (mm)/volume difference (ml) per label, mean over cases"
+                  + (", flip TTA" if tta else ""),
+        "per_label": _json_safe({n: {k: round(v, 4) for k, v in m.items() if not k.endswith("_std")}
+                                 for n, m in s["per_label"].items()}),
+        "mean_dice": round(s["mean_dice"], 4), "mean_hd95_mm": round(s["mean_hd95_mm"], 2),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+    }
+    path = package.path / METADATA_FILE
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    print(f"Recorded the measured performance in {path}")

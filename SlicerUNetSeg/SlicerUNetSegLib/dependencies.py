@@ -1,0 +1,101 @@
+"""Python dependencies of the engine, checked when the user first presses Segment (never at import).
+
+PyTorch comes through Slicer's PyTorch extension (``PyTorchUtils``), which picks the build that
+matches the computer's GPU driver; the rest (MONAI and the engine's smaller needs) through pip, after
+the user has agreed. Checks read package metadata only: nothing heavy is imported into Slicer.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+from typing import Callable
+
+MINIMUM_TORCH = "2.2"
+# What the worker imports besides torch (pyproject.toml lists the same for the command line).
+REQUIREMENTS = ["monai>=1.4", "SimpleITK>=2.3", "scipy>=1.10", "jsonschema>=4.18", "numpy>=1.24"]
+
+
+def _versionTuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def installedVersion(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def isSatisfied(requirement: str) -> bool:
+    name, _, minimum = requirement.partition(">=")
+    version = installedVersion(name)
+    return version is not None and (not minimum or _versionTuple(version) >= _versionTuple(minimum))
+
+
+def torchStatus() -> tuple[str | None, str | None]:
+    """(torch version, CUDA version of its build) without importing torch (reads its version file)."""
+    version = installedVersion("torch")
+    if version is None:
+        return None, None
+    cuda = None
+    spec = importlib.util.find_spec("torch")
+    if spec and spec.submodule_search_locations:
+        from pathlib import Path
+
+        versionFile = Path(list(spec.submodule_search_locations)[0]) / "version.py"
+        if versionFile.is_file():
+            for line in versionFile.read_text(encoding="utf-8", errors="replace").splitlines():
+                if line.startswith("cuda"):
+                    value = line.split("=", 1)[1].split("#")[0].strip().strip("'\"")
+                    cuda = None if value in ("None", "") else value
+    return version, cuda
+
+
+def missingRequirements() -> list[str]:
+    return [r for r in REQUIREMENTS if not isSatisfied(r)]
+
+
+def ensureDependencies(confirm: Callable[[str], bool], log: Callable[[str], None] = logging.info) -> bool:
+    """Make torch and the engine's packages available; False if the user declined.
+
+    ``confirm(message)`` asks the user (the panel shows a dialog; scripts may pass ``lambda m: True``).
+    Raises RuntimeError with a message that says what to do when installation is impossible.
+    """
+    version, _ = torchStatus()
+    if version is None or _versionTuple(version) < _versionTuple(MINIMUM_TORCH):
+        try:
+            import PyTorchUtils  # the PyTorch extension (EXTENSION_DEPENDS)
+        except ModuleNotFoundError:
+            raise RuntimeError("This module needs the PyTorch extension. Install 'PyTorch' from the "
+                               "Extensions Manager, restart Slicer, and press Segment again.") from None
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if version is None:
+            log("PyTorch is not installed; installing it through the PyTorch extension...")
+            if torchLogic.installTorch(askConfirmation=True,
+                                       torchVersionRequirement=f">={MINIMUM_TORCH}") is None:
+                return False
+        else:
+            raise RuntimeError(f"PyTorch {version} is installed but SlicerUNetSeg needs {MINIMUM_TORCH} or "
+                               "newer. Open the PyTorch Utils module, uninstall PyTorch, restart Slicer and "
+                               "press Segment again to install a current version.")
+    missing = missingRequirements()
+    if missing:
+        if not confirm("SlicerUNetSeg needs these Python packages: " + ", ".join(missing) +
+                       ".\nInstall them now? This needs a network connection and can take a few minutes."):
+            return False
+        import slicer
+
+        log("Installing " + ", ".join(missing) + "...")
+        # torch is pinned by the PyTorch extension: keep pip from replacing it with another build
+        slicer.util.pip_install(missing)
+        still = missingRequirements()
+        if still:
+            raise RuntimeError("Could not install " + ", ".join(still) + ". Check the network connection, "
+                               "or install them from the Python console with slicer.util.pip_install.")
+    return True

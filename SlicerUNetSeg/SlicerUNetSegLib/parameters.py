@@ -1,0 +1,33 @@
+"""The module's parameter node: every panel setting, saved with the scene.
+
+Widgets in ``Resources/UI/SlicerUNetSeg.ui`` bind to these names through their ``SlicerParameterName``
+dynamic property (``connectGui``); the model and device combo boxes are synchronised by the widget
+because their items are filled at run time.
+"""
+
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+
+MAX_INPUTS = 4
+INPUT_PARAMETERS = ("inputVolume", "inputVolume2", "inputVolume3", "inputVolume4")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@parameterNodeWrapper
+class SlicerUNetSegParameterNode:
+    """inputVolume..inputVolume4: one per model input channel, in the model's order.
+    outputSegmentation: None means "create a new segmentation".
+    overrideWindow/windowLevel/windowWidth: the preprocessing window (never the volume's voxels).
+    device: "auto", "cuda" or "cpu"."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    inputVolume2: vtkMRMLScalarVolumeNode
+    inputVolume3: vtkMRMLScalarVolumeNode
+    inputVolume4: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    modelId: str = ""
+    overrideWindow: bool = False
+    windowLevel: float = 40.0
+    windowWidth: float = 400.0
+    device: str = "auto"
+

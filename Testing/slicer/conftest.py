@@ -1,0 +1,77 @@
+"""Fixtures for the Slicer-side suites: the application stand-ins, a tiny real model, one shared logic
+(one worker process for the session, so the model stays warm as it does in Slicer)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+
+import harness  # noqa: E402  (Testing/slicer is on sys.path: rootdir-relative conftest)
+
+harness.install()
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_DIR = REPO / "SlicerUNetSeg" / "Resources" / "Models" / "openkbp-hn-oar"
+
+
+@pytest.fixture(scope="session")
+def modelsDir(tmp_path_factory):
+    """A models folder holding the tiny test model, first on the engine's search path."""
+    from SlicerUNetSegLib.testing import makeTinyModel
+
+    folder = tmp_path_factory.mktemp("models")
+    makeTinyModel(folder)
+    old = {k: os.environ.get(k) for k in ("UNETSEG_MODELS_PATH", "UNETSEG_USER_MODELS")}
+    os.environ["UNETSEG_MODELS_PATH"] = str(folder)
+    os.environ["UNETSEG_USER_MODELS"] = str(tmp_path_factory.mktemp("user-models"))
+    yield folder
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def logic(modelsDir):
+    from SlicerUNetSegLib.logic import SlicerUNetSegLogic
+
+    instance = SlicerUNetSegLogic()
+    yield instance
+    instance.shutdown()
+
+
+@pytest.fixture
+def scene():
+    return harness.newScene()
+
+
+@pytest.fixture(scope="session")
+def defaultModel():
+    if not (DEFAULT_MODEL_DIR / "metadata.json").is_file():
+        pytest.skip(f"the default model is not installed yet ({DEFAULT_MODEL_DIR.relative_to(REPO)}); "
+                    "accuracy checks need it")
+    return DEFAULT_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def openkbp():
+    from SlicerUNetSegLib.testing import openkbpCase
+
+    case = openkbpCase("pt_201")
+    if case is None:
+        pytest.skip("OpenKBP test data not found: set UNETSEG_DATA to the shared data folder")
+    return case
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """Overrides the engine suites' OMP_NUM_THREADS=2: the worker inherits the caller's setting (run
+    these suites with OMP_NUM_THREADS=1 on a shared machine)."""
+    yield

@@ -191,7 +191,7 @@ def evaluate_folders(pred_dir: str, ref_dir: str, out: Path, model: str | None) 
     else:
         values = set()
         for p in refs:
-            values |= set(np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(p)))).tolist())
+            values |= set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(p)))).tolist())
         labels = {int(v): f"label_{int(v)}" for v in sorted(values) if v != 0}
     results = []
     for ref_path in refs:

@@ -284,7 +284,8 @@ class Predictor:
         image.CopyInformation(prepared.grid)
         resampled = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, default,
                                   sitk.sitkFloat32)
-        return sitk.GetArrayViewFromImage(resampled)
+        # a copy: a view would dangle once ``resampled`` is freed at return
+        return sitk.GetArrayFromImage(resampled)
 
     def _to_input_grid(self, probs, prepared, is_cancelled):
         model = self.model

@@ -87,7 +87,7 @@ def fingerprint(dataset: Dataset, cases: list[Case], crop_threshold: float | Non
     rng = np.random.default_rng(0)
     for case in cases:
         image = sitk.ReadImage(str(case.images[0]))
-        label = sitk.GetArrayViewFromImage(sitk.ReadImage(str(case.label)))
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
         box = foreground_box(image, crop_threshold, margin_mm=0.0)
         spacings.append(image.GetSpacing())
         extents.append(np.array(box.size) * np.array(image.GetSpacing()))

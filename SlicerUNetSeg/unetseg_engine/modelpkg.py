@@ -234,3 +234,18 @@ def import_model(source: str | os.PathLike, destination: Path | None = None,
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return load_package(target)
+
+
+def write_package(folder: str | os.PathLike, meta: dict[str, Any], state_dict: dict[str, Any],
+                  weights_name: str = "model.pt") -> ModelPackage:
+    """Save weights and metadata (with the weights' SHA-256 filled in) as a validated package."""
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / weights_name
+    torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, weights)
+    meta = dict(meta, weights={"file": weights_name, "sha256": sha256_of(weights)})
+    validate_metadata(meta, f"metadata for {folder}")
+    (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return load_package(folder)

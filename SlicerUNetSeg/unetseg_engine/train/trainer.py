@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UNetSegError
-from ..modelpkg import METADATA_FILE, load_package, sha256_of, validate_metadata
+from ..modelpkg import write_package
 from .dataset import Case, fingerprint, load_dataset, prepare_case
 from .planner import plan_experiment
 
@@ -323,14 +323,8 @@ class Trainer:
 
     # ---- the model package ----------------------------------------------------------------------
     def export(self, core, history: dict[str, list], train_time: float, iterations_done: int) -> Path:
-        import torch
-
         cfg = self.cfg
         package = cfg.output / "model"
-        package.mkdir(parents=True, exist_ok=True)
-        weights = package / "model.pt"
-        state = {k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()}
-        torch.save(state, weights)
         labels = []
         palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
@@ -359,7 +353,6 @@ class Trainer:
                           "blend_mode": "gaussian"},
             "output": {"type": "multilabel" if self.multilabel else "multiclass"},
             "labels": labels,
-            "weights": {"file": weights.name, "sha256": sha256_of(weights)},
             "training": {
                 "dataset": self.dataset.meta.get("name", str(cfg.dataset)),
                 "train_cases": [c.name for c in self.train_cases],
@@ -372,11 +365,10 @@ class Trainer:
                 "validation_dice_model_grid": val_metrics,
             },
         }
-        validate_metadata(meta, "the exported metadata")
-        (package / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        self.log(f"Model package written to {package} ({weights.stat().st_size / 1e6:.1f} MB), "
+        written = write_package(package, meta, core.state_dict())
+        size_mb = written.weights_path.stat().st_size / 1e6
+        self.log(f"Model package written to {package} ({size_mb:.1f} MB), "
                  f"trained {iterations_done} iterations in {train_time / 60:.1f} min")
-        load_package(package)
         return package
 
 

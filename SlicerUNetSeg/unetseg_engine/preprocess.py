@@ -128,8 +128,8 @@ def normalize(array: np.ndarray, spec: dict[str, Any], window: tuple[float, floa
         return (x - np.float32(mean)) / np.float32(max(std, 1e-6))
     if method == "percentile":
         lo, hi = np.percentile(values, [spec.get("lower", 0.5), spec.get("upper", 99.5)])
-        out = np.clip(x, lo, hi)
-        return ((out - np.float32(lo)) / np.float32(max(hi - lo, 1e-6))).astype(np.float32)
+        out = (x - np.float32(lo)) * np.float32(1.0 / max(hi - lo, 1e-6))
+        return np.clip(out, 0.0, 1.0, out=out)
     raise UNetSegError(f"Unknown normalisation method '{method}'.")
 
 

@@ -1,0 +1,72 @@
+"""``unetseg benchmark``: the machinery (inputs, child processes, scoring, JSON), never the speed.
+
+A tiny randomly initialised package with the OpenKBP label names runs through both pipelines on the
+real native scan. The test checks the JSON shape and that both label maps lie on the input grid; it
+asserts nothing about times.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from helpers import OPENKBP_LABELS, make_package, openkbp, tiny_meta
+from unetseg_engine.benchmark import CLINICAL_SIZE, clinical_grid, same_grid
+from unetseg_engine.cli import main
+
+
+def test_clinical_grid_covers_the_same_extent():
+    image = sitk.Image([128, 128, 128], sitk.sitkInt16)
+    image.SetSpacing([5.4, 5.4, 3.0])
+    image.SetOrigin([-344.3, -344.3, 190.5])
+    image.SetDirection([1, 0, 0, 0, 1, 0, 0, 0, -1])
+    grid = clinical_grid(image)
+    assert grid.GetSize() == CLINICAL_SIZE
+    assert grid.GetDirection() == image.GetDirection()
+
+    def corners(img):
+        pts = [img.TransformContinuousIndexToPhysicalPoint([c - 0.5 for c in (i, j, k)])
+               for i in (0, img.GetSize()[0]) for j in (0, img.GetSize()[1]) for k in (0, img.GetSize()[2])]
+        return np.array(pts)
+
+    np.testing.assert_allclose(corners(grid), corners(image), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_benchmark_native_json_and_grids(tmp_path):
+    ct_path, _ = openkbp("pt_201")
+    meta = tiny_meta("tiny-bench", label_names=OPENKBP_LABELS)
+    meta["inference"]["overlap"] = 0.5
+    package = make_package(tmp_path / "tiny-bench", meta)
+    out_json = tmp_path / "bench.json"
+    keep = tmp_path / "keep"
+    status = main(["benchmark", "--model", str(package.path),
+                   "--sizes", "native", "--device", "cpu", "--json", str(out_json), "--keep", str(keep),
+                   "--threads", "2"])
+    assert status == 0
+    report = json.loads(out_json.read_text())
+    assert set(report) >= {"machine", "cases"}
+    assert len(report["cases"]) == 1
+    case = report["cases"][0]
+    assert case["device"] == "cpu" and case["shape"] == [128, 128, 128]
+    for key in ("ours", "reference"):
+        result = case[key]
+        assert "error" not in result, result.get("error")
+        for field in ("total_s", "cold_s", "peak_rss_mb", "dice", "stages"):
+            assert field in result
+        assert result["on_input_grid"] is True
+        assert 0.0 <= result["dice"] <= 1.0
+        assert set(result["dice_per_label"]) == set(OPENKBP_LABELS)
+    assert "inference_s" in case["ours"]["stages"]
+    assert "sliding_window_s" in case["reference"]["stages"]
+    for key in ("ratio_time", "ratio_memory"):
+        assert case[key] > 0
+
+    # Independently of the benchmark's own check: both kept label maps are on the scan's grid.
+    scan = sitk.ReadImage(str(ct_path))
+    for kind in ("ours", "reference"):
+        pred = sitk.ReadImage(str(keep / f"pt_201_native_{kind}_cpu.nrrd"))
+        assert same_grid(pred, scan)
+        values = set(np.unique(sitk.GetArrayViewFromImage(pred)).tolist())
+        assert values <= set(range(len(OPENKBP_LABELS) + 1))

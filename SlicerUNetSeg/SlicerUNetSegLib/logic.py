@@ -119,7 +119,7 @@ class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
             inputVolumes = [inputVolumes]
         model = self.getModel(modelId)
         channels = [item["name"] for item in model.meta["inputs"]]
-        if len(inputVolumes) != len(channels) or any(v is None for v in inputVolumes):
+        if len(inputVolumes) != len(channels):
             raise UNetSegError(f"Model '{model.meta['title']}' needs {len(channels)} input volume(s) "
                                f"({', '.join(channels)}); select one volume for each.")
         transforms = {checkVolume(volume, f"input volume '{channel}'") for volume, channel

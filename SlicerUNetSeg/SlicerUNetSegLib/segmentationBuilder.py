@@ -122,16 +122,19 @@ def placeLikeVolume(segmentationNode, volumeNode) -> None:
 
 
 def segmentationSnapshot(segmentationNode) -> dict[str, Any] | None:
-    """What a segmentation holds (segment ids, names, voxel counts), to check a scene is unchanged."""
+    """What a segmentation holds (per segment: name, colour, voxel count), to check it is unchanged."""
     if segmentationNode is None:
         return None
     segmentation = segmentationNode.GetSegmentation()
+    binaryName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     out = {}
     for index in range(segmentation.GetNumberOfSegments()):
         segmentId = segmentation.GetNthSegmentID(index)
-        array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId) \
-            if segmentationNode.GetScene() is not None else None
-        out[segmentId] = (segmentation.GetSegment(segmentId).GetName(),
-                          int(np.count_nonzero(array)) if array is not None else -1)
+        segment = segmentation.GetSegment(segmentId)
+        image = segment.GetRepresentation(binaryName)
+        count = 0
+        if image is not None and image.GetPointData().GetScalars() is not None:
+            voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+            count = int(np.count_nonzero(voxels == segment.GetLabelValue()))
+        out[segmentId] = (segment.GetName(), tuple(round(c, 4) for c in segment.GetColor()), count)
     return out
-

@@ -95,3 +95,58 @@ def syntheticCt(shape_kji=(40, 64, 64), seed: int = 0) -> np.ndarray:
     volume[r < 1] = 40
     volume[(r > 0.55) & (r < 0.7)] = 900
     return (volume + rng.normal(0, 10, shape_kji)).astype(np.int16)
+
+
+def selfTestProcess(test, logicClass) -> None:
+    """The body of SlicerUNetSegTest: a real scan (or a synthetic one with a non-identity direction
+    when no test data is present), the real engine in its worker on the CPU, a real small model (the
+    default model when installed, else a tiny random-weight one), then checks of segment names and
+    count, geometry, and that the input volume is unchanged. ``test`` is a unittest.TestCase."""
+    import shutil
+    import tempfile
+
+    import slicer
+
+    from SlicerUNetSegLib.geometry import ijkToRasArray, loadVolumeFile
+
+    test.delayDisplay("Loading a scan")
+    case = openkbpCase("pt_201")
+    if case is not None:
+        volume = loadVolumeFile(case[0], "pt_201 CT")
+    else:  # a synthetic CT with a non-identity direction
+        volume = slicer.util.addVolumeFromArray(syntheticCt(), name="Synthetic CT")
+        volume.SetIJKToRASDirections([[-1, 0, 0], [0, 0, 1], [0, -1, 0]])
+        volume.SetSpacing(4.0, 4.0, 5.0)
+    before = slicer.util.arrayFromVolume(volume).copy()
+    geometryBefore = ijkToRasArray(volume)
+
+    modelId = "openkbp-hn-oar" if case is not None and any(
+        m["id"] == "openkbp-hn-oar" for m in logicClass.listModels()) else None
+    modelsDir = None
+    if modelId is None:
+        modelsDir = tempfile.mkdtemp(prefix="SlicerUNetSegTest-")
+        modelId = str(makeTinyModel(modelsDir))  # a package folder works as a model id
+    logic = logicClass()
+    try:
+        test.delayDisplay(f"Segmenting with {os.path.basename(modelId)} on the CPU")
+        segmentation = logic.process(volume, None, modelId, device="cpu")
+        model = logic.getModel(modelId)
+    finally:
+        logic.shutdown()
+        if modelsDir:
+            shutil.rmtree(modelsDir, ignore_errors=True)
+
+    names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
+             for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
+    test.assertEqual(names, model.label_names)
+    referenceId = segmentation.GetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole())
+    test.assertEqual(referenceId, volume.GetID())
+    labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    slicer.modules.segmentations.logic().ExportAllSegmentsToLabelmapNode(
+        segmentation, labelmap, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+    test.assertTrue(np.allclose(ijkToRasArray(labelmap), geometryBefore, atol=1e-4))
+    test.assertEqual(slicer.util.arrayFromVolume(labelmap).shape, before.shape)
+    test.assertGreater(int(np.count_nonzero(slicer.util.arrayFromVolume(labelmap))), 0)
+    test.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), before))
+    test.assertTrue(np.array_equal(ijkToRasArray(volume), geometryBefore))
+    test.delayDisplay(f"Test passed ({logic.job.timings.get('total_s', 0):.1f} s)")

@@ -1,0 +1,376 @@
+"""SlicerUNetSeg: U-Net segmentation of CT and MR scans into editable segments.
+
+The panel (``Resources/UI/SlicerUNetSeg.ui``) is bound to a parameter node, so its settings are saved
+with the scene. The work is done by ``SlicerUNetSegLogic`` (in ``SlicerUNetSegLib/logic.py``), which
+runs the Slicer-free engine (``unetseg_engine``) in a separate worker process: Slicer stays responsive,
+a crash or out-of-memory in inference cannot take Slicer down, and the model stays loaded between runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
+                                           ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from SlicerUNetSegLib import dependencies, panelText
+from SlicerUNetSegLib.logic import SlicerUNetSegLogic  # noqa: F401  (Slicer looks it up here)
+from SlicerUNetSegLib.parameters import INPUT_PARAMETERS, SlicerUNetSegParameterNode  # noqa: F401
+from unetseg_engine.errors import UNetSegError
+
+
+class SlicerUNetSeg(ScriptedLoadableModule):
+    def __init__(self, parent) -> None:
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "UNet Segmentation"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SlicerUNetSeg contributors"]
+        self.parent.helpText = (
+            "Segment organs on CT or MR scans with U-Net models. Choose the input volume and a model, "
+            "press Segment; the result is a segmentation ready for Segment Editor. The intensity window "
+            "only affects preprocessing. See https://github.com/slicerunetseg/SlicerUNetSeg.")
+        self.parent.acknowledgementText = (
+            "Built on MONAI and PyTorch. The default model was trained on OpenKBP (Babier et al., Med. "
+            "Phys. 2021) with images from The Cancer Imaging Archive.")
+
+
+def uiVariables(rootWidget):
+    """Named child widgets as attributes (like slicer.util.childWidgetVariables, but reading the name
+    through QObject.property so it works with PythonQt and with PySide in the headless tests)."""
+    ui = type("SlicerUNetSegUi", (), {})()
+    pending = list(rootWidget.children())
+    while pending:
+        child = pending.pop()
+        pending.extend(child.children())
+        name = child.property("objectName")
+        if name:
+            setattr(ui, name, child)
+    return ui
+
+
+def prop(widget, name):
+    """A Qt property's value (PythonQt shadows getters such as text() with the property)."""
+    return widget.property(name)
+
+
+class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.models: list[dict] = []
+        # Dialogs go through these, so tests and scripts can answer them.
+        self.confirm = lambda text: slicer.util.confirmYesNoDisplay(text)
+        self.showError = lambda text, details=None: slicer.util.errorDisplay(text, detailedText=details)
+
+    def setup(self) -> None:
+        import qt
+
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SlicerUNetSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.uiWidget = uiWidget
+        self.ui = uiVariables(uiWidget)
+        self.inputSelectors = [getattr(self.ui, f"{name}Selector") for name in INPUT_PARAMETERS]
+        self.inputLabels = [getattr(self.ui, f"{name}Label") for name in INPUT_PARAMETERS]
+        for selector in self.inputSelectors + [self.ui.outputSegmentationSelector]:
+            selector.setMRMLScene(slicer.mrmlScene)
+        self.logic = SlicerUNetSegLogic()
+        self.timer = qt.QTimer()
+        self.timer.setInterval(100)
+        self.timer.timeout.connect(self.onTimer)
+
+        self.ui.windowPresetComboBox.addItem("Model default", None)
+        for name, level, width in panelText.WINDOW_PRESETS:
+            self.ui.windowPresetComboBox.addItem(f"{name} ({level:g} / {width:g})", [level, width])
+        for text, value in panelText.DEVICE_CHOICES:
+            self.ui.deviceComboBox.addItem(text, value)
+
+        self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
+        self.ui.deviceComboBox.currentIndexChanged.connect(self.onDeviceChanged)
+        self.ui.windowPresetComboBox.activated.connect(self.onWindowPreset)
+        self.ui.importModelButton.clicked.connect(lambda *args: self.onImportModel())
+        self.ui.applyDisplayWindowButton.clicked.connect(lambda *args: self.onApplyDisplayWindow())
+        self.ui.segmentButton.clicked.connect(lambda *args: self.onSegmentButton())
+        self.ui.show3DButton.toggled.connect(lambda checked: self.onShow3D(checked))
+        self.ui.overrideWindowCheckBox.toggled.connect(lambda *args: self.updateGui())
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.refreshModels()
+        self.initializeParameterNode()
+        torchVersion, cudaVersion = dependencies.torchStatus()
+        self.ui.deviceInfoLabel.setText(panelText.environmentText(torchVersion, cudaVersion, None))
+
+    # ---- parameter node ---------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        self.removeObservers()
+        self.timer.stop()
+        if self.logic:
+            self.logic.shutdown()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self.logic and self.logic.isRunning():
+            self.logic.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if getattr(self.parent, "isEntered", True):
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        node = self._parameterNode
+        if not node.inputVolume:
+            node.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not node.modelId and self.models:
+            node.modelId = self.models[0]["id"]
+
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent,
+                                self.updateGui)
+        self._parameterNode = parameterNode
+        if parameterNode:
+            self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
+            self.addObserver(parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+            self.updateGui()
+
+    def currentModel(self) -> dict | None:
+        modelId = self._parameterNode.modelId if self._parameterNode else None
+        return next((m for m in self.models if m["id"] == modelId), None)
+
+    def updateGui(self, caller=None, event=None) -> None:
+        """Parameter node -> the parts of the panel that connectGui does not bind."""
+        node = self._parameterNode
+        if node is None:
+            return
+        model = self.currentModel()
+        index = next((i for i, m in enumerate(self.models) if model and m["id"] == model["id"]), -1)
+        if prop(self.ui.modelComboBox, "currentIndex") != index:
+            blocked = self.ui.modelComboBox.blockSignals(True)
+            self.ui.modelComboBox.setCurrentIndex(index)
+            self.ui.modelComboBox.blockSignals(blocked)
+        deviceIndex = [value for _, value in panelText.DEVICE_CHOICES].index(node.device) \
+            if node.device in ("auto", "cuda", "cpu") else 0
+        if prop(self.ui.deviceComboBox, "currentIndex") != deviceIndex:
+            blocked = self.ui.deviceComboBox.blockSignals(True)
+            self.ui.deviceComboBox.setCurrentIndex(deviceIndex)
+            self.ui.deviceComboBox.blockSignals(blocked)
+        self.ui.modelInfoLabel.setText(panelText.modelInfoHtml(model) if model else
+                                       "No model installed: use 'Import model...'.")
+        channels = model["inputs"] if model else ["Input"]
+        for i, (label, selector) in enumerate(zip(self.inputLabels, self.inputSelectors)):
+            label.setVisible(i < len(channels))
+            selector.setVisible(i < len(channels))
+            if i < len(channels):
+                label.setText(f"Input volume ({channels[i]}):" if len(channels) > 1 else "Input volume:")
+        hasWindow = bool(model and model["default_window"])
+        override = hasWindow and node.overrideWindow
+        if hasWindow and not node.overrideWindow and [node.windowLevel, node.windowWidth] != \
+                list(model["default_window"]):
+            node.windowLevel, node.windowWidth = model["default_window"]  # shows the model's window
+        self.ui.overrideWindowCheckBox.setEnabled(hasWindow)
+        for widget in (self.ui.windowLevelSpinBox, self.ui.windowWidthSpinBox, self.ui.windowPresetComboBox):
+            widget.setEnabled(override)
+        self.ui.applyDisplayWindowButton.setEnabled(hasWindow and node.inputVolume is not None)
+        running = self.logic.isRunning()
+        inputsSet = all(v is not None for v in
+                        [getattr(node, name) for name in INPUT_PARAMETERS[:len(channels)]])
+        self.ui.segmentButton.setEnabled(running or (model is not None and inputsSet))
+        self.ui.segmentButton.setText("Cancel" if running else "Segment")
+        self.ui.segmentButton.setToolTip("Stop the running segmentation" if running else
+                                         "Segment the input volume(s) with the selected model")
+        for widget in (self.ui.modelComboBox, self.ui.importModelButton, self.ui.deviceComboBox):
+            widget.setEnabled(not running)
+
+    # ---- models, window, device -------------------------------------------------------------------
+    def refreshModels(self, selectId: str | None = None) -> None:
+        self.models = self.logic.listModels()
+        blocked = self.ui.modelComboBox.blockSignals(True)
+        self.ui.modelComboBox.clear()
+        for model in self.models:
+            self.ui.modelComboBox.addItem(f"{model['title']} ({model['id']})", model["id"])
+        self.ui.modelComboBox.setCurrentIndex(-1)
+        self.ui.modelComboBox.blockSignals(blocked)
+        if selectId and self._parameterNode:
+            self._parameterNode.modelId = selectId
+        self.updateGui()
+
+    def onModelChanged(self, index) -> None:
+        if not self._parameterNode or index < 0 or index >= len(self.models):
+            return
+        model = self.models[index]
+        node = self._parameterNode
+        wasModified = node.parameterNode.StartModify()
+        node.modelId = model["id"]
+        if model["default_window"]:
+            node.overrideWindow = False
+            node.windowLevel, node.windowWidth = model["default_window"]
+        volumes = [(v.GetName(), v) for v in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                   if not v.IsA("vtkMRMLLabelMapVolumeNode")]
+        current = [getattr(node, name) for name in INPUT_PARAMETERS]
+        for name, volume in zip(INPUT_PARAMETERS, panelText.matchVolumesToChannels(
+                model["inputs"], volumes, current)):
+            setattr(node, name, volume)
+        node.parameterNode.EndModify(wasModified)
+
+    def onDeviceChanged(self, index) -> None:
+        if self._parameterNode and 0 <= index < len(panelText.DEVICE_CHOICES):
+            self._parameterNode.device = panelText.DEVICE_CHOICES[index][1]
+
+    def onWindowPreset(self, index) -> None:
+        node, model = self._parameterNode, self.currentModel()
+        window = self.ui.windowPresetComboBox.itemData(index) or (model and model["default_window"])
+        if node and window:
+            node.windowLevel, node.windowWidth = window
+
+    def onApplyDisplayWindow(self) -> None:
+        node = self._parameterNode
+        displayNode = node.inputVolume.GetDisplayNode() if node and node.inputVolume else None
+        if displayNode is not None:
+            displayNode.SetAutoWindowLevel(False)
+            displayNode.SetWindowLevel(node.windowWidth, node.windowLevel)
+
+    def onImportModel(self) -> None:
+        import qt
+
+        path = qt.QFileDialog.getOpenFileName(self.parent, "Import model package", "",
+                                              "Model packages (*.zip);;All files (*)")
+        path = path[0] if isinstance(path, tuple) else path
+        if path:
+            self.importModel(path)
+
+    def importModel(self, path: str) -> None:
+        try:
+            try:
+                summary = self.logic.importModel(path)
+            except UNetSegError as error:
+                if "already installed" not in str(error) or not self.confirm(f"{error}\n\nReplace it?"):
+                    raise
+                summary = self.logic.importModel(path, overwrite=True)
+        except UNetSegError as error:
+            self.showError(str(error))
+            return
+        self.log(f"Imported model '{summary['title']}' ({summary['id']}) from {path}")
+        self.refreshModels(selectId=summary["id"])
+
+    # ---- segmenting -------------------------------------------------------------------------------
+    def log(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+
+    def onSegmentButton(self) -> None:
+        if self.logic.isRunning():
+            self.log("Cancelling...")
+            self.ui.segmentButton.setText("Cancelling...")
+            self.logic.cancel()
+            return
+        node, model = self._parameterNode, self.currentModel()
+        try:
+            if not dependencies.ensureDependencies(self.confirm, self.log):
+                self.log("Segmentation needs the Python packages listed above; not installed.")
+                return
+        except RuntimeError as error:
+            self.showError(str(error))
+            return
+        output = node.outputSegmentation
+        replace = False
+        if output is not None and output.GetSegmentation().GetNumberOfSegments() > 0:
+            count = output.GetSegmentation().GetNumberOfSegments()
+            if not self.confirm(f"'{output.GetName()}' already has {count} segments. Replace them with "
+                                "the new result?"):
+                return
+            replace = True
+        window = [node.windowLevel, node.windowWidth] if node.overrideWindow else None
+        if self.logic.environment is None:
+            self.logic.requestEnvironment(self.onEnvironment)
+        try:
+            self.logic.startSegmentation(
+                [getattr(node, name) for name in INPUT_PARAMETERS[:len(model["inputs"])]], output,
+                model["id"], node.device, window, replaceExisting=replace, onProgress=self.onProgress,
+                onDone=self.onDone)
+        except UNetSegError as error:
+            self.showError(str(error))
+            return
+        self.log(f"Segmenting '{node.inputVolume.GetName()}' with '{model['title']}' on {node.device}"
+                 + (f", window {window[0]:g}/{window[1]:g}" if window else ""))
+        self.ui.progressBar.setValue(0)
+        self.ui.stageLabel.setText("starting")
+        self.timer.start()
+        self.updateGui()
+
+    def onTimer(self) -> None:
+        self.logic.poll()
+        if not self.logic.isRunning():
+            self.timer.stop()
+
+    def onEnvironment(self, hello: dict) -> None:
+        self.ui.deviceInfoLabel.setText(panelText.environmentText(None, None, hello))
+
+    def onProgress(self, stage: str, fraction: float) -> None:
+        if stage != prop(self.ui.stageLabel, "text"):
+            self.log(f"  {stage}")
+        self.ui.stageLabel.setText(stage)
+        self.ui.progressBar.setValue(int(round(100 * fraction)))
+
+    def onDone(self, job) -> None:
+        self.timer.stop()
+        if job.state == "done":
+            self._parameterNode.outputSegmentation = job.segmentationNode
+            self.ui.progressBar.setValue(100)
+            self.ui.stageLabel.setText("done")
+            for message in job.messages:
+                self.log(f"note: {message}")
+            self.log(f"Done on {job.device}. " + panelText.timingSummary(job.timings, job.warm))
+            self.onShow3D(self.ui.show3DButton.isChecked())
+        elif job.state == "cancelled":
+            self.ui.stageLabel.setText("cancelled")
+            self.log("Cancelled; the scene was left unchanged.")
+        else:
+            self.ui.stageLabel.setText("failed")
+            self.log(f"Failed: {job.error}" + (f"\n{job.errorDetails}" if job.errorDetails else ""))
+            self.showError(job.error, job.errorDetails)
+        self.updateGui()
+
+    def onShow3D(self, show: bool) -> None:
+        segmentation = self._parameterNode.outputSegmentation if self._parameterNode else None
+        if segmentation is None:
+            return
+        if show:
+            segmentation.CreateClosedSurfaceRepresentation()
+        elif segmentation.GetDisplayNode():
+            segmentation.GetDisplayNode().SetVisibility3D(False)
+            return
+        if segmentation.GetDisplayNode():
+            segmentation.GetDisplayNode().SetVisibility3D(True)
+
+
+class SlicerUNetSegTest(ScriptedLoadableModuleTest):
+    """Runs the real path: a real scan (or a synthetic one without test data), the real engine in its
+    worker on the CPU, a real small model (the default model when installed, else a tiny one built
+    with random weights), and checks the segments, their geometry, and that the input is unchanged."""
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear(0)
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_SlicerUNetSeg_process()
+
+    def test_SlicerUNetSeg_process(self) -> None:
+        from SlicerUNetSegLib.testing import selfTestProcess
+
+        selfTestProcess(self, SlicerUNetSegLogic)

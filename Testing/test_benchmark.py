@@ -43,7 +43,7 @@ def test_benchmark_native_json_and_grids(tmp_path):
     keep = tmp_path / "keep"
     status = main(["benchmark", "--model", str(package.path),
                    "--sizes", "native", "--device", "cpu", "--json", str(out_json), "--keep", str(keep),
-                   "--threads", "2"])
+                   "--threads", "1"])
     assert status == 0
     report = json.loads(out_json.read_text())
     assert set(report) >= {"machine", "cases"}

@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "both"])
     p.add_argument("--skip-reference", action="store_true", help="only time our engine")
     p.add_argument("--json", dest="json_path", help="write the results as JSON here")
+    p.add_argument("--threads", type=int, help="CPU threads for both pipelines (default: PyTorch's)")
+    p.add_argument("--keep", help="keep the inputs and both label maps in this folder")
+    p.add_argument("--reference-runs", dest="reference_runs", type=int,
+                   help="runs of the MONAI pipeline per case (default: 2 native, 1 clinical)")
     p.set_defaults(func=cmd_benchmark)
     return parser
 

@@ -1,0 +1,425 @@
+"""``unetseg benchmark``: our engine against the MONAI reference pipeline, side by side.
+
+The parent process prepares the inputs once (an OpenKBP scan as it is, and the same scan resampled to
+a clinical grid of 512 x 512 x 300 voxels over the same physical extent), writes them to temporary
+NRRD files, and runs each pipeline in its own child process (``python -m unetseg_engine.benchmark
+--child ours|reference ...``), so each peak resident memory is its own. Both use the same model
+package (same weights). The parent then scores both label maps against the real contours on the input
+grid (mean Dice over the model's labels) and checks that both lie exactly on the input grid.
+
+Times: every child runs its pipeline ``runs`` times in one process. ``total_s`` is the last run, with
+the model already loaded (``warm`` is true when there was more than one run): file in, label map on
+the input grid out. ``cold_s`` runs from the child's process creation to its first label map
+(interpreter start, imports, model load, first run); ``startup_s``, ``import_s``, ``load_model_s`` and
+``first_run_s`` break it down. Times are wall-clock seconds; ``peak_rss_mb`` is the child's
+``ru_maxrss`` and ``peak_gpu_mb`` PyTorch's peak allocated CUDA memory.
+
+On a machine shared with other work, give ``--threads``: PyTorch's OpenMP threads spin at barriers and
+slow down badly when the cores are oversubscribed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import UNetSegError
+
+DATASET = "openkbp_hn_oar"
+CLINICAL_SIZE = (512, 512, 300)  # (x, y, z) voxels
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+def data_root() -> Path:
+    return Path(os.environ.get("UNETSEG_DATA", "/work/shared/data"))
+
+
+def case_files(case: str, dataset: Path | None = None) -> tuple[Path, Path, dict[str, int]]:
+    """The image, the label map and the label values (by name) of one case of the OpenKBP dataset."""
+    dataset = dataset or data_root() / DATASET
+    image = dataset / "imagesTr" / f"{case}_0000.nii.gz"
+    label = dataset / "labelsTr" / f"{case}.nii.gz"
+    if not image.is_file() or not label.is_file():
+        raise UNetSegError(f"Case '{case}' was not found in {dataset} (imagesTr/{case}_0000.nii.gz and "
+                           f"labelsTr/{case}.nii.gz). Set UNETSEG_DATA to the folder holding {DATASET}.")
+    names: dict[str, int] = {}
+    meta_path = dataset / "dataset.json"
+    if meta_path.is_file():
+        names = {k: int(v) for k, v in json.loads(meta_path.read_text())["labels"].items()}
+    return image, label, names
+
+
+def clinical_grid(image: sitk.Image, size_xyz=CLINICAL_SIZE) -> sitk.Image:
+    """An empty grid of ``size_xyz`` voxels covering exactly the physical extent of ``image``."""
+    size_in = np.array(image.GetSize(), float)
+    spacing_in = np.array(image.GetSpacing())
+    extent = size_in * spacing_in
+    spacing = extent / np.array(size_xyz, float)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    corner = np.array(image.GetOrigin()) - direction @ (spacing_in / 2)
+    origin = corner + direction @ (spacing / 2)
+    grid = sitk.Image([int(s) for s in size_xyz], sitk.sitkUInt8)
+    grid.SetSpacing([float(s) for s in spacing])
+    grid.SetOrigin([float(o) for o in origin])
+    grid.SetDirection(image.GetDirection())
+    return grid
+
+
+def make_inputs(case: str, size: str, folder: Path) -> tuple[Path, sitk.Image, dict[str, int]]:
+    """Write the benchmark input for ``size`` (native or clinical) as NRRD; returns it and the truth."""
+    image_path, label_path, names = case_files(case)
+    image = sitk.ReadImage(str(image_path))
+    truth = sitk.ReadImage(str(label_path))
+    if size == "clinical":
+        grid = clinical_grid(image)
+        image = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkInt16)
+        truth = sitk.Resample(truth, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0,
+                              sitk.sitkUInt8)
+    elif size != "native":
+        raise UNetSegError(f"Unknown benchmark size '{size}': use native or clinical.")
+    path = folder / f"{case}_{size}.nrrd"
+    sitk.WriteImage(image, str(path), useCompression=False)
+    return path, truth, names
+
+
+# ---- scoring ----------------------------------------------------------------------------------
+def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> bool:
+    """True when both images have the same size, spacing, origin and direction."""
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol * max(1.0, max(a.GetSpacing())))
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+
+
+def dice_scores(pred: np.ndarray, truth: np.ndarray, labels: list[dict[str, Any]],
+                truth_values: dict[str, int]) -> dict[str, float]:
+    """Dice per model label against the real contours (matched by name, else by value)."""
+    from .metrics import dice
+
+    scores = {}
+    for label in labels:
+        truth_value = truth_values.get(label["name"], label["value"])
+        scores[label["name"]] = round(dice(pred == label["value"], truth == truth_value), 4)
+    return scores
+
+
+# ---- child processes --------------------------------------------------------------------------
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KB on Linux
+
+
+def _run_ours(args, result: dict[str, Any]) -> sitk.Image:
+    import torch
+
+    from .inference import Predictor
+
+    result["import_s"] = time.perf_counter() - result.pop("_t_import")
+    result["threads"] = torch.get_num_threads()
+    result["rss_after_import_mb"] = _peak_rss_mb()
+    predictor = Predictor(device=args.device)
+    t = time.perf_counter()
+    predictor.load(args.model)
+    load_s = time.perf_counter() - t
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    runs = []
+    label = None
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        image = sitk.ReadImage(args.input)
+        read_s = time.perf_counter() - t0
+        out = predictor.predict([image])
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+        stages = {"read_s": read_s, **out.timings}
+        runs.append({"total_s": total, "stages": stages, "done": time.time()})
+        label = out.label_map
+    result.update(_summary(runs, load_s, result))
+    return label
+
+
+def _run_reference(args, result: dict[str, Any]) -> sitk.Image:
+    import torch
+
+    from .modelpkg import get_model
+    from .reference import ReferencePipeline
+
+    result["import_s"] = time.perf_counter() - result.pop("_t_import")
+    result["threads"] = torch.get_num_threads()
+    result["rss_after_import_mb"] = _peak_rss_mb()
+    t = time.perf_counter()
+    pipeline = ReferencePipeline(get_model(args.model), device=args.device)
+    pipeline.load()
+    load_s = time.perf_counter() - t
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    runs = []
+    label = None
+    for _ in range(args.runs):
+        stages: dict[str, float] = {}
+        t0 = time.perf_counter()
+        label = pipeline.run(args.input, stages)
+        total = time.perf_counter() - t0
+        runs.append({"total_s": total, "stages": {f"{k}_s": v for k, v in stages.items()},
+                     "done": time.time()})
+    result.update(_summary(runs, load_s, result))
+    return label
+
+
+def _summary(runs: list[dict[str, Any]], load_s: float, result: dict[str, Any]) -> dict[str, Any]:
+    """``total_s``: the last run (model loaded); ``cold_s``: process start to the first label map."""
+    last = runs[-1]
+    return {
+        "total_s": last["total_s"],
+        "warm": len(runs) > 1,
+        "cold_s": runs[0]["done"] - result["_created"],
+        "first_run_s": load_s + runs[0]["total_s"],
+        "load_model_s": load_s,
+        "stages": last["stages"],
+        "runs_s": [r["total_s"] for r in runs],
+    }
+
+
+def child_main(argv: list[str] | None = None) -> int:
+    """Run one pipeline on one input file; write its label map and a JSON result."""
+    started = time.time()
+    parser = argparse.ArgumentParser(prog="python -m unetseg_engine.benchmark")
+    parser.add_argument("--child", required=True, choices=["ours", "reference"])
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--pred", required=True, help="where to write the label map")
+    parser.add_argument("--result", required=True, help="where to write the JSON result")
+    args = parser.parse_args(argv)
+    result: dict[str, Any] = {"pipeline": args.child, "device": args.device, "_created": started}
+    try:
+        import psutil
+
+        result["_created"] = psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - then cold_s starts when this function does
+        pass
+    result["startup_s"] = started - result["_created"]
+    result["_t_import"] = time.perf_counter()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        result.pop("_t_import")
+        result.pop("_created")
+        result["skipped"] = "no CUDA device visible to PyTorch"
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+    try:
+        run = _run_ours if args.child == "ours" else _run_reference
+        label = run(args, result)
+    except Exception as error:  # noqa: BLE001 - reported in the table, not a crash of the benchmark
+        result.pop("_t_import", None)
+        result.pop("_created", None)
+        result["error"] = f"{type(error).__name__}: {error}"
+        Path(args.result).write_text(json.dumps(result))
+        return 1
+    result.pop("_created", None)
+    result["peak_rss_mb"] = _peak_rss_mb()
+    if args.device == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_gpu_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
+    sitk.WriteImage(label, args.pred, useCompression=False)
+    Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+def run_child(kind: str, input_path: Path, model: str, device: str, folder: Path, runs: int,
+              threads: int | None) -> tuple[dict[str, Any], Path]:
+    pred = folder / f"{input_path.stem}_{kind}_{device}.nrrd"
+    result_path = folder / f"{input_path.stem}_{kind}_{device}.json"
+    command = [sys.executable, "-m", "unetseg_engine.benchmark", "--child", kind, "--input",
+               str(input_path), "--model", model, "--device", device, "--runs", str(runs),
+               "--pred", str(pred), "--result", str(result_path)]
+    if threads:
+        command += ["--threads", str(threads)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    process = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+    else:
+        tail = (process.stderr or process.stdout).strip().splitlines()[-3:]
+        result = {"pipeline": kind, "error": f"child exited with status {process.returncode}: "
+                                             + " | ".join(tail)}
+    return result, pred
+
+
+# ---- the benchmark ----------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor(),
+                            "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    try:
+        info["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    try:
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    try:
+        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    for name in ("torch", "monai", "SimpleITK", "numpy"):
+        try:
+            from importlib.metadata import version
+
+            info[name] = version(name)
+        except Exception:  # noqa: BLE001
+            pass
+    return info
+
+
+def _score(result: dict[str, Any], pred_path: Path, reference_grid: sitk.Image, truth: np.ndarray,
+           labels, names) -> None:
+    if "error" in result or "skipped" in result or not pred_path.is_file():
+        return
+    pred = sitk.ReadImage(str(pred_path))
+    result["on_input_grid"] = bool(same_grid(pred, reference_grid))
+    scores = dice_scores(sitk.GetArrayViewFromImage(pred), truth, labels, names)
+    result["dice_per_label"] = scores
+    result["dice"] = round(float(np.mean(list(scores.values()))), 4)
+
+
+def run_benchmark(model: str | None, case: str = "pt_201", sizes=("native", "clinical"),
+                  devices=("cpu",), skip_reference: bool = False, threads: int | None = None,
+                  keep: Path | None = None, reference_runs: int | None = None,
+                  log=print) -> dict[str, Any]:
+    """Run the comparison and return the result dictionary (the JSON written by --json)."""
+    from .modelpkg import get_model
+
+    package = get_model(model)
+    model_path = str(package.path)
+    report: dict[str, Any] = {"machine": machine_info(),
+                              "model": {"id": package.id, "path": model_path,
+                                        "sha256": package.meta["weights"]["sha256"]},
+                              "cases": []}
+    with tempfile.TemporaryDirectory(prefix="unetseg-bench-") as tmp:
+        folder = Path(keep) if keep else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for size in sizes:
+            input_path, truth_image, names = make_inputs(case, size, folder)
+            truth = sitk.GetArrayFromImage(truth_image)
+            grid = truth_image  # the input grid (the truth shares it)
+            for device in devices:
+                entry: dict[str, Any] = {"name": f"{case} {size}", "size": size, "device": device,
+                                         "shape": list(truth_image.GetSize()),
+                                         "spacing_mm": [round(s, 4) for s in truth_image.GetSpacing()]}
+                log(f"[{case} {size} {device}] our engine ...")
+                ours, pred = run_child("ours", input_path, model_path, device, folder, 2, threads)
+                _score(ours, pred, grid, truth, package.labels, names)
+                entry["ours"] = ours
+                if "skipped" in ours:
+                    entry["skipped"] = ours["skipped"]
+                    log(f"[{case} {size} {device}] skipped: {ours['skipped']}")
+                    report["cases"].append(entry)
+                    continue
+                if not skip_reference:
+                    runs = reference_runs or (1 if size == "clinical" else 2)
+                    log(f"[{case} {size} {device}] MONAI reference ...")
+                    ref, pred = run_child("reference", input_path, model_path, device, folder, runs,
+                                          threads)
+                    _score(ref, pred, grid, truth, package.labels, names)
+                    entry["reference"] = ref
+                    if "total_s" in ours and "total_s" in ref:
+                        entry["ratio_time"] = round(ours["total_s"] / ref["total_s"], 4)
+                        entry["ratio_time_cold"] = round(ours["cold_s"] / ref["cold_s"], 4)
+                        entry["ratio_memory"] = round(ours["peak_rss_mb"] / ref["peak_rss_mb"], 4)
+                        if device == "cuda" and ref.get("peak_gpu_mb"):
+                            entry["ratio_gpu_memory"] = round(ours["peak_gpu_mb"] / ref["peak_gpu_mb"], 4)
+                    if "dice" in ours and "dice" in ref:
+                        entry["dice_difference"] = round(ours["dice"] - ref["dice"], 4)
+                report["cases"].append(entry)
+    return report
+
+
+# ---- output -----------------------------------------------------------------------------------
+def _fmt(value, spec: str = ".2f", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = []
+    m = report["machine"]
+    lines.append(f"Machine: {m.get('processor') or m.get('platform')}, {m.get('cpu_affinity', m.get('cpu_count'))}"
+                 f" CPU cores, {m.get('memory_gb', '?')} GB; torch {m.get('torch')}, monai {m.get('monai')}; "
+                 f"load average at start {m.get('load_average')}")
+    lines.append(f"Model: {report['model']['id']} ({report['model']['path']})")
+    header = (f"{'case':<22}{'dev':<5}{'pipeline':<10}{'warm s':>8}{'cold s':>8}{'peak RSS MB':>12}"
+              f"{'GPU MB':>8}{'Dice':>8}{'grid':>6}")
+    lines += ["", header, "-" * len(header)]
+    for case in report["cases"]:
+        name = f"{case['name']} {'x'.join(map(str, case['shape']))}"
+        if case.get("skipped"):
+            lines.append(f"{name:<22}{case['device']:<5}skipped: {case['skipped']}")
+            continue
+        for key, label in (("ours", "ours"), ("reference", "MONAI")):
+            r = case.get(key)
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"{name:<22}{case['device']:<5}{label:<10}error: {r['error']}")
+                continue
+            grid = {True: "ok", False: "OFF"}.get(r.get("on_input_grid"), "-")
+            lines.append(f"{name:<22}{case['device']:<5}{label:<10}{_fmt(r.get('total_s')):>8}"
+                         f"{_fmt(r.get('cold_s')):>8}{_fmt(r.get('peak_rss_mb'), '.0f'):>12}"
+                         f"{_fmt(r.get('peak_gpu_mb'), '.0f'):>8}{_fmt(r.get('dice'), '.4f'):>8}{grid:>6}")
+        if "ratio_time" in case:
+            lines.append(f"{'':<27}ours/MONAI: time {case['ratio_time']:.3f} (cold "
+                         f"{case['ratio_time_cold']:.3f}), memory {case['ratio_memory']:.3f}"
+                         + (f", GPU memory {case['ratio_gpu_memory']:.3f}" if "ratio_gpu_memory" in case else "")
+                         + (f", Dice {case['dice_difference']:+.4f}" if "dice_difference" in case else ""))
+    lines += ["", "Stages (s, warm run):"]
+    for case in report["cases"]:
+        for key in ("ours", "reference"):
+            r = case.get(key)
+            if not r or "stages" not in r:
+                continue
+            stages = ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in r["stages"].items())
+            lines.append(f"  {case['name']} {case['device']} {key}: load model {r['load_model_s']:.2f} | "
+                         f"{stages}")
+    return "\n".join(lines)
+
+
+def benchmark_cli(args) -> int:
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    for size in sizes:
+        if size not in ("native", "clinical"):
+            raise UNetSegError(f"Unknown size '{size}' in --sizes: use native and/or clinical.")
+    devices = ["cpu", "cuda"] if args.device == "both" else [args.device]
+    report = run_benchmark(args.model, args.case, sizes, devices, args.skip_reference,
+                           threads=getattr(args, "threads", None), keep=getattr(args, "keep", None),
+                           reference_runs=getattr(args, "reference_runs", None),
+                           log=lambda text: print(text, file=sys.stderr, flush=True))
+    print(format_table(report))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nJSON written to {args.json_path}")
+    failed = [c for c in report["cases"] for k in ("ours", "reference") if "error" in c.get(k, {})]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())

@@ -136,7 +136,7 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not node.inputVolume:
             node.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
         if not node.modelId and self.models:
-            node.modelId = self.models[0]["id"]
+            self.onModelChanged(0)
 
     def setParameterNode(self, parameterNode) -> None:
         if self._parameterNode:

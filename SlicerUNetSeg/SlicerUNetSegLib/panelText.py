@@ -60,8 +60,8 @@ def matchVolumesToChannels(channelNames: list[str], volumes: list[tuple[str, Any
 def environmentText(torchVersion: str | None, cudaVersion: str | None, hello: dict | None) -> str:
     """The device line: PyTorch and CUDA versions, and the detected device once the worker said."""
     if hello and hello.get("torch"):
-        device = f"GPU: {hello['gpu_name']}" if hello.get("cuda_available") else "no CUDA GPU found (CPU)"
-        return f"PyTorch {hello['torch']}, CUDA {hello.get('cuda') or 'none'}; detected {device}"
+        device = f"GPU {hello['gpu_name']}" if hello.get("cuda_available") else "CPU (no CUDA GPU found)"
+        return f"PyTorch {hello['torch']}, CUDA {hello.get('cuda') or 'none'}; detected device: {device}"
     if torchVersion is None:
         return "PyTorch is not installed yet; it is installed on the first Segment (PyTorch extension)."
     return f"PyTorch {torchVersion}, CUDA {cudaVersion or 'none (CPU build)'}; device detected on first Segment"

@@ -1,0 +1,175 @@
+"""The panel, driven headless: offscreen Qt (PySide6) with stand-ins only for the CTK/qMRML widgets,
+the real MRML scene, and the real engine in its worker process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("PySide6", reason="PySide6 is needed for the headless panel tests")
+import qtHarness  # noqa: E402
+
+pytestmark = pytest.mark.widget
+app = qtHarness.install()
+
+import slicer  # noqa: E402
+
+from SlicerUNetSegLib.geometry import loadVolumeFile  # noqa: E402
+from SlicerUNetSegLib.testing import TINY_MODEL_ID, makeTinyModel  # noqa: E402
+
+TWO_CHANNEL_ID = "tiny-two-channel"
+
+
+@pytest.fixture(scope="module")
+def twoChannelModel(modelsDir):
+    """A second real package: two inputs (T1, FLAIR) and another default window."""
+    package = makeTinyModel(modelsDir, modelId=TWO_CHANNEL_ID, inputs=("T1", "FLAIR"))
+    meta = json.loads((package / "metadata.json").read_text())
+    meta["title"], meta["licence"] = "Two-channel test model", "CC-BY-4.0"
+    meta["preprocessing"]["normalization"].update(level=-600.0, width=1500.0)
+    (package / "metadata.json").write_text(json.dumps(meta))
+    yield package
+    shutil.rmtree(package, ignore_errors=True)
+
+
+@pytest.fixture
+def panel(scene, logic, twoChannelModel):
+    import SlicerUNetSeg
+
+    widget = SlicerUNetSeg.SlicerUNetSegWidget()
+    widget.setup()
+    widget.logic.shutdown()
+    widget.logic = logic  # share the session's warm worker
+    widget.asked, widget.errors = [], []
+    widget.answer = True
+    widget.confirm = lambda text: widget.asked.append(text) or widget.answer
+    widget.showError = lambda text, details=None: widget.errors.append(text)
+    widget.parent.resize(440, 900)
+    widget.parent.show()
+    yield widget
+    widget.timer.stop()
+    widget.removeObservers()
+    widget.parent.close()
+
+
+@pytest.fixture
+def ct(scene, openkbp):
+    return loadVolumeFile(openkbp[0], "pt_201 CT")
+
+
+def pump(condition, timeout=120.0):
+    start = time.perf_counter()
+    while not condition():
+        app.processEvents()
+        time.sleep(0.02)
+        assert time.perf_counter() - start < timeout, "timed out waiting for the panel"
+    app.processEvents()
+
+
+def selectModel(panel, modelId):
+    index = [m["id"] for m in panel.models].index(modelId)
+    panel.ui.modelComboBox.setCurrentIndex(index)
+    app.processEvents()
+
+
+def screenshot(panel, name):
+    folder = os.environ.get("UNETSEG_SCREENSHOT_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        assert panel.parent.grab().save(str(Path(folder) / name))
+
+
+def test_selecting_a_model_fills_window_labels_and_channels(panel, scene):
+    t1 = slicer.util.addVolumeFromArray(__import__("numpy").ones((4, 8, 8)), name="case T1 weighted")
+    flair = slicer.util.addVolumeFromArray(__import__("numpy").ones((4, 8, 8)), name="case FLAIR")
+    selectModel(panel, TINY_MODEL_ID)
+    selectModel(panel, TWO_CHANNEL_ID)
+    node = panel._parameterNode
+    assert node.modelId == TWO_CHANNEL_ID
+    assert (panel.ui.windowLevelSpinBox.value(), panel.ui.windowWidthSpinBox.value()) == (-600, 1500)
+    info = panel.ui.modelInfoLabel.text()
+    for expected in ("Two-channel test model", "Brainstem", "Mandible", "CC-BY-4.0", "0.0.1", "run time"):
+        assert expected in info
+    assert panel.ui.inputVolume2Selector.isVisibleTo(panel.parent)
+    assert not panel.ui.inputVolume3Selector.isVisibleTo(panel.parent)
+    assert "(FLAIR)" in panel.ui.inputVolume2Label.text()
+    assert (node.inputVolume, node.inputVolume2) == (t1, flair)  # matched by name, not by order
+    selectModel(panel, TINY_MODEL_ID)
+    assert (panel.ui.windowLevelSpinBox.value(), panel.ui.windowWidthSpinBox.value()) == (40, 400)
+    assert not panel.ui.inputVolume2Selector.isVisibleTo(panel.parent)
+    assert not panel.ui.windowLevelSpinBox.isEnabled()  # the model's window until overridden
+    panel.ui.overrideWindowCheckBox.setChecked(True)
+    panel.ui.windowPresetComboBox.setCurrentIndex(2)
+    panel.ui.windowPresetComboBox.activated.emit(2)  # what a user's choice emits
+    assert (node.windowLevel, node.windowWidth) == (-600.0, 1500.0)  # "Lung"
+
+
+def test_segment_creates_the_segmentation_then_cancel_leaves_scene(panel, ct, scene):
+    selectModel(panel, TINY_MODEL_ID)
+    panel.ui.deviceComboBox.setCurrentIndex(2)  # CPU
+    assert panel._parameterNode.inputVolume is ct and panel._parameterNode.device == "cpu"
+    panel.ui.segmentButton.click()
+    assert panel.ui.segmentButton.text() == "Cancel"
+    pump(lambda: not panel.logic.isRunning())
+    assert not panel.errors, panel.errors
+    segmentation = panel._parameterNode.outputSegmentation
+    assert segmentation is not None and panel.ui.outputSegmentationSelector.currentNode() is segmentation
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 3
+    assert panel.ui.segmentButton.text() == "Segment" and panel.ui.progressBar.value() == 100
+    assert "Done on cpu" in panel.ui.logTextEdit.toPlainText()
+    panel.ui.logCollapsibleButton.setCollapsed(False)
+    app.processEvents()
+    screenshot(panel, "SlicerUNetSeg-panel.png")
+
+    panel.ui.outputSegmentationSelector.setCurrentNode(None)  # "Create new segmentation"
+    count = scene.GetNumberOfNodes()
+    panel.ui.segmentButton.click()
+    panel.ui.segmentButton.click()  # now "Cancel"
+    pump(lambda: not panel.logic.isRunning(), timeout=5)
+    assert panel.logic.job.state == "cancelled"
+    assert scene.GetNumberOfNodes() == count
+    assert panel.ui.segmentButton.text() == "Segment"
+    assert "Cancelled" in panel.ui.logTextEdit.toPlainText()
+
+
+def test_existing_segments_are_replaced_only_after_asking(panel, ct, scene):
+    existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Manual")
+    existing.GetSegmentation().AddEmptySegment("", "Tumour", [1, 0, 0])
+    selectModel(panel, TINY_MODEL_ID)
+    panel.ui.outputSegmentationSelector.setCurrentNode(existing)
+    panel.answer = False
+    panel.ui.segmentButton.click()
+    assert panel.asked and "already has 1 segments" in panel.asked[-1]
+    assert not panel.logic.isRunning()
+    assert existing.GetSegmentation().GetNthSegment(0).GetName() == "Tumour"
+    panel.answer = True
+    panel.ui.segmentButton.click()
+    pump(lambda: not panel.logic.isRunning())
+    assert existing.GetSegmentation().GetNthSegment(0).GetName() == "Brainstem"
+
+
+def test_settings_round_trip_through_the_parameter_node(panel, ct, scene):
+    import SlicerUNetSeg
+
+    selectModel(panel, TINY_MODEL_ID)
+    panel.ui.deviceComboBox.setCurrentIndex(1)
+    panel.ui.overrideWindowCheckBox.setChecked(True)
+    panel.ui.windowLevelSpinBox.setValue(55)
+    node = panel._parameterNode
+    assert (node.device, node.overrideWindow, node.windowLevel) == ("cuda", True, 55.0)
+    node.windowWidth = 321.0  # parameter node -> GUI
+    assert panel.ui.windowWidthSpinBox.value() == 321
+    second = SlicerUNetSeg.SlicerUNetSegWidget()  # a fresh panel on the same scene shows the same
+    second.setup()
+    try:
+        assert second.ui.deviceComboBox.currentIndex() == 1
+        assert second.ui.overrideWindowCheckBox.isChecked()
+        assert (second.ui.windowLevelSpinBox.value(), second.ui.windowWidthSpinBox.value()) == (55, 321)
+        assert second.ui.inputVolumeSelector.currentNode() is ct
+    finally:
+        second.cleanup()

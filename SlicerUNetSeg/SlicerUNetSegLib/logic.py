@@ -75,9 +75,25 @@ class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def listModels() -> list[dict[str, Any]]:
         """Summaries of the installed models (reads JSON only; torch is not imported)."""
-        from unetseg_engine.modelpkg import list_models
+        from unetseg_engine import modelpkg
 
-        return [package.summary() for package in list_models()]
+        try:
+            return [package.summary() for package in modelpkg.list_models()]
+        except ImportError:
+            # Before the first Segment installs jsonschema the panel still lists the packages (read as
+            # plain JSON); each one is validated, and its weights checked, before it is used.
+            import json
+
+            found: dict[str, dict[str, Any]] = {}
+            for folder in modelpkg.model_search_path():
+                for meta in sorted(folder.glob(f"*/{modelpkg.METADATA_FILE}")) if folder.is_dir() else []:
+                    try:
+                        data = json.loads(meta.read_text("utf-8"))
+                        summary = modelpkg.ModelPackage(meta.parent, data).summary()
+                    except (ValueError, KeyError, TypeError, OSError):
+                        continue
+                    found.setdefault(summary["id"], summary)
+            return sorted(found.values(), key=lambda s: (s["id"] != modelpkg.DEFAULT_MODEL_ID, s["id"]))
 
     @staticmethod
     def getModel(modelId: str | None = None):

@@ -18,12 +18,17 @@ def modelInfoHtml(summary: dict[str, Any]) -> str:
         return html.escape(str(value))
 
     runtime = summary.get("expected_runtime") or {}
-    runtimeText = ", ".join(f"{esc(k.replace('_s', '').upper())} ~{esc(v)} s" for k, v in runtime.items()
-                            if isinstance(v, (int, float))) or "not stated"
+    if isinstance(runtime, dict):
+        runtimeText = ", ".join(f"{esc(k[:-2].upper())} ~{v:g} s" if k.endswith("_s") and
+                                isinstance(v, (int, float)) else f"{esc(k)}: {esc(v)}"
+                                for k, v in runtime.items()) or "not stated"
+    else:
+        runtimeText = esc(runtime)
     window = summary.get("default_window")
     windowText = f"level {window[0]:g}, width {window[1]:g}" if window else "none (intensity normalised)"
     rows = [
-        f"<b>{esc(summary['title'])}</b> &nbsp;<i>v{esc(summary['version'])}</i> ({esc(summary['modality'])})",
+        f"<b>{esc(summary['title'])}</b> &nbsp;<i>v{esc(summary['version'])}</i> "
+        f"({esc(summary['modality'])})",
         esc(summary["description"]),
         f"<b>Inputs:</b> {esc(', '.join(summary['inputs']))}",
         f"<b>Labels ({len(summary['labels'])}):</b> {esc(', '.join(summary['labels']))}",
@@ -64,7 +69,8 @@ def environmentText(torchVersion: str | None, cudaVersion: str | None, hello: di
         return f"PyTorch {hello['torch']}, CUDA {hello.get('cuda') or 'none'}; detected device: {device}"
     if torchVersion is None:
         return "PyTorch is not installed yet; it is installed on the first Segment (PyTorch extension)."
-    return f"PyTorch {torchVersion}, CUDA {cudaVersion or 'none (CPU build)'}; device detected on first Segment"
+    return (f"PyTorch {torchVersion}, CUDA {cudaVersion or 'none (CPU build)'}; the device is detected on "
+            "the first Segment")
 
 
 def timingSummary(timings: dict[str, float], warm: bool) -> str:

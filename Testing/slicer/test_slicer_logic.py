@@ -255,3 +255,11 @@ def test_module_self_test_passes(data, scene, modelsDir, monkeypatch, tmp_path):
     if data == "synthetic":
         monkeypatch.setenv("UNETSEG_DATA", str(tmp_path / "no-data-here"))
     SlicerUNetSeg.SlicerUNetSegTest().runTest()
+
+
+def test_models_are_listed_before_dependencies_are_installed(modelsDir, monkeypatch):
+    """A fresh Slicer has no jsonschema: the panel must still list models so Segment can install it."""
+    from SlicerUNetSegLib.logic import SlicerUNetSegLogic
+
+    monkeypatch.setitem(__import__("sys").modules, "jsonschema", None)
+    assert TINY_MODEL_ID in [m["id"] for m in SlicerUNetSegLogic.listModels()]

@@ -76,8 +76,6 @@ def test_labels_land_on_the_same_voxels_as_the_engine_on_a_rotated_volume(logic,
     rotationRas = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
     matrix = ijkToRasArray(ct)
     matrix[:3, :] = rotationRas @ matrix[:3, :]
-    vtkMatrix = slicer.vtkMRMLScalarVolumeNode()  # placeholder to reach vtk through slicer
-    del vtkMatrix
     import vtk
 
     m = vtk.vtkMatrix4x4()
@@ -263,3 +261,16 @@ def test_models_are_listed_before_dependencies_are_installed(modelsDir, monkeypa
 
     monkeypatch.setitem(__import__("sys").modules, "jsonschema", None)
     assert TINY_MODEL_ID in [m["id"] for m in SlicerUNetSegLogic.listModels()]
+
+
+def test_dependencies_ask_before_installing_and_explain_a_missing_pytorch(monkeypatch):
+    from SlicerUNetSegLib import dependencies
+
+    asked = []
+    monkeypatch.setattr(dependencies, "REQUIREMENTS", dependencies.REQUIREMENTS + ["no-such-package>=1"])
+    assert dependencies.ensureDependencies(lambda text: asked.append(text) or False) is False
+    assert asked and "no-such-package" in asked[0]  # declined: nothing installed
+    monkeypatch.setattr(dependencies, "torchStatus", lambda: (None, None))
+    monkeypatch.setitem(__import__("sys").modules, "PyTorchUtils", None)
+    with pytest.raises(RuntimeError, match="PyTorch extension"):
+        dependencies.ensureDependencies(lambda text: True)

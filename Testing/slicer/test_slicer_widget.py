@@ -122,6 +122,8 @@ def test_segment_creates_the_segmentation_then_cancel_leaves_scene(panel, ct, sc
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 3
     assert panel.ui.segmentButton.text() == "Segment" and panel.ui.progressBar.value() == 100
     assert "Done on cpu" in panel.ui.logTextEdit.toPlainText()
+    panel.ui.show3DButton.setChecked(True)
+    assert segmentation.GetSegmentation().ContainsRepresentation("Closed surface")
     panel.ui.logCollapsibleButton.setCollapsed(False)
     app.processEvents()
     screenshot(panel, "SlicerUNetSeg-panel.png")

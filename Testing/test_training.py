@@ -80,3 +80,19 @@ def test_every_architecture_builds_and_runs_a_patch(architecture):
     with torch.inference_mode():
         out = main_output(model(torch.zeros(1, 1, 32, 32, 32)))
     assert out.shape == (1, 3, 32, 32, 32)
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_checkpoint(trained):
+    import dataclasses
+
+    import torch
+
+    out, _ = trained
+    cfg = TrainConfig(dataset=data_path("openkbp_hn_oar"), output=out, model_id="tiny-trained",
+                      iterations=50, val_every=50, batch_size=2, num_threads=2, resume=True)
+    assert dataclasses.is_dataclass(cfg)
+    Trainer(cfg).run()
+    history = json.loads(torch.load(out / "checkpoint.pt", weights_only=True)["history_json"])
+    assert history["iteration"][:2] == [1, 2] and history["iteration"][-1] == 50
+    assert len(history["iteration"]) == 50  # 40 before, 10 after: nothing repeated or lost

@@ -96,3 +96,18 @@ def test_resume_continues_from_the_checkpoint(trained):
     history = json.loads(torch.load(out / "checkpoint.pt", weights_only=True)["history_json"])
     assert history["iteration"][:2] == [1, 2] and history["iteration"][-1] == 50
     assert len(history["iteration"]) == 50  # 40 before, 10 after: nothing repeated or lost
+
+
+@pytest.mark.slow
+def test_init_from_a_package_starts_from_its_weights_and_plan(trained, tmp_path):
+    import torch
+
+    out, package_dir = trained
+    cfg = TrainConfig(dataset=data_path("openkbp_hn_oar"), output=tmp_path, model_id="tiny-continued",
+                      iterations=5, val_every=5, batch_size=2, num_threads=2,
+                      init_from=str(package_dir))
+    continued = load_package(Trainer(cfg).run())
+    assert continued.meta["preprocessing"] == load_package(package_dir).meta["preprocessing"]
+    first = json.loads(torch.load(out / "checkpoint.pt", weights_only=True)["history_json"])["loss"]
+    again = json.loads(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history_json"])["loss"]
+    assert np.mean(again[:5]) < 0.9 * np.mean(first[:5])  # not a fresh network

@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (validate, checkpoint, export) after this many minutes")
     p.add_argument("--num-threads", dest="num_threads", type=int)
     p.add_argument("--resume", action="store_true", default=None, help="continue from checkpoint.pt")
+    p.add_argument("--init-from", dest="init_from",
+                   help="start from an existing model package (id or folder): its plan and weights")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="Dice/IoU/HD95/volume per case and label, CSV/JSON/PNGs")

@@ -56,6 +56,7 @@ class TrainConfig:
     label_info: dict[str, Any] = field(default_factory=dict)
     time_limit_min: float | None = None
     num_threads: int | None = None
+    init_from: str | None = None  # a model package (id or folder) whose plan and weights to start from
 
 
 def _resolve_device(name: str):
@@ -140,6 +141,17 @@ class Trainer:
         plan["fingerprint"], plan["modality"] = fp, modality
         return plan
 
+    def plan_from_package(self, package) -> dict[str, Any]:
+        """Continue training an existing model: its grid, normalisation and network, unchanged."""
+        meta = package.meta
+        if [label["name"] for label in meta["labels"]] != [self.label_names[v] for v in
+                                                             self.label_values]:
+            raise UNetSegError(f"Model '{package.id}' has labels {package.label_names}; the dataset "
+                               f"has {list(self.dataset.labels)}. They must match to continue training.")
+        return {"preprocessing": meta["preprocessing"], "network": meta["network"],
+                "patch_size": meta["inference"]["patch_size"], "modality": meta["modality"],
+                "fingerprint": meta.get("training", {}).get("fingerprint"), "init_from": package.id}
+
     def load_cases(self, cases: list[Case]) -> list[dict[str, np.ndarray]]:
         out = []
         for case in cases:
@@ -169,9 +181,15 @@ class Trainer:
         cfg.output.mkdir(parents=True, exist_ok=True)
         ckpt_path = cfg.output / "checkpoint.pt"
         resume = cfg.resume and ckpt_path.is_file()
+        init = None
         if resume:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             self.plan_ = json.loads(ckpt["plan_json"])
+        elif cfg.init_from:
+            from ..modelpkg import get_model
+
+            init = get_model(cfg.init_from)
+            self.plan_ = self.plan_from_package(init)
         else:
             self.plan_ = self.plan()
         (cfg.output / "plan.json").write_text(json.dumps(self.plan_, indent=2))
@@ -216,6 +234,9 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
         history: dict[str, list] = {"iteration": [], "loss": [], "val_iteration": [], "val_dice": []}
         start_it = 0
+        if init is not None:
+            core.load_state_dict(init.load_state_dict())
+            self.log(f"Starting from the weights of model '{init.id}' v{init.meta['version']}")
         if resume:
             core.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])

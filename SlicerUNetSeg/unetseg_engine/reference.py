@@ -51,7 +51,7 @@ class ReferencePipeline:
         self.pre = Compose([
             LoadImaged(keys="image"),
             EnsureChannelFirstd(keys="image"),
-            Orientationd(keys="image", axcodes="LPS"),
+            Orientationd(keys="image", axcodes="LPS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Spacingd(keys="image", pixdim=tuple(meta["preprocessing"]["spacing_mm"]), mode="bilinear"),
             ScaleIntensityRanged(keys="image", a_min=level - width / 2, a_max=level + width / 2,
                                  b_min=0.0, b_max=1.0, clip=True),

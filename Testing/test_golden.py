@@ -1,0 +1,66 @@
+"""Golden test: the shipped default model on 2 OpenKBP validation cases, on CPU, against the clinical
+contours. A broken weight file, a flipped axis, a wrong window or a resampling bug fails it."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from helpers import OPENKBP_LABELS, openkbp
+from test_geometry import oblique_copy
+from unetseg_engine.imageio import read_image
+from unetseg_engine.inference import Predictor
+from unetseg_engine.metrics import dice
+from unetseg_engine.modelpkg import get_model, shipped_models_dir
+
+# Per-organ floors, about 0.1 below the lower of what the shipped model measured on these two cases
+# (pt_201, pt_236; `unetseg evaluate`, see the model's metadata.json "performance"), so that real
+# regressions fail and noise does not.
+FLOORS = {"Brainstem": 0.75, "SpinalCord": 0.55, "RightParotid": 0.65, "LeftParotid": 0.62,
+          "Esophagus": 0.48, "Larynx": 0.37, "Mandible": 0.72}
+CASES = ["pt_201", "pt_236"]
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    if not (shipped_models_dir() / "openkbp-hn-oar" / "metadata.json").is_file():
+        pytest.fail("the shipped default model SlicerUNetSeg/Resources/Models/openkbp-hn-oar is missing")
+    p = Predictor(device="cpu")
+    p.load(get_model("openkbp-hn-oar"))
+    return p
+
+
+def organ_dice(label_map: sitk.Image, reference: sitk.Image) -> dict[str, float]:
+    p, r = sitk.GetArrayViewFromImage(label_map), sitk.GetArrayViewFromImage(reference)
+    return {name: dice(p == value, r == value) for value, name in enumerate(OPENKBP_LABELS, start=1)}
+
+
+def test_default_model_metadata_names_the_seven_organs_with_snomed_codes():
+    package = get_model(None)
+    assert package.id == "openkbp-hn-oar"
+    assert package.label_names == OPENKBP_LABELS
+    codes = {label["name"]: label["terminology"]["type"]["code"] for label in package.labels}
+    assert codes["Brainstem"] == "15926001" and codes["Mandible"] == "91609006"
+    assert package.labels[2]["terminology"]["type_modifier"]["meaning"] == "Right"
+    assert package.meta["performance"]["mean_dice"] >= 0.5
+    assert package.weights_path.stat().st_size < 20e6
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_default_model_dice_per_organ_on_validation_cases(predictor, case):
+    ct_path, label_path = openkbp(case)
+    result = predictor.predict([read_image(ct_path)])
+    scores = organ_dice(result.label_map, sitk.ReadImage(str(label_path)))
+    low = {n: round(d, 3) for n, d in scores.items() if d < FLOORS[n]}
+    assert not low, f"{case}: organs below their Dice floor: {low} (all: {scores})"
+
+
+def test_default_model_on_an_oblique_copy_lands_on_the_right_voxels(predictor):
+    ct_path, label_path = openkbp(CASES[0])
+    oblique = oblique_copy(read_image(ct_path))
+    reference = sitk.Resample(sitk.ReadImage(str(label_path)), oblique, sitk.Transform(),
+                              sitk.sitkNearestNeighbor, 0)
+    scores = organ_dice(predictor.predict([oblique]).label_map, reference)
+    big = ["Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Mandible"]
+    assert np.mean([scores[n] for n in big]) > np.mean([FLOORS[n] for n in big]), scores
+    # the two parotids must not swap sides: left/right is where a flipped axis shows first
+    assert scores["RightParotid"] > 0.5 and scores["LeftParotid"] > 0.5, scores

@@ -13,8 +13,9 @@ from .imageio import SEG_EXTENSION, check_output_path, read_image, write_label_m
 class TerminalProgress:
     """One updating line per stage: ``[inference] 42%``; a plain line per stage when not a TTY."""
 
-    def __init__(self, stream=sys.stderr, quiet: bool = False) -> None:
-        self.stream, self.quiet = stream, quiet
+    def __init__(self, stream=None, quiet: bool = False) -> None:
+        # sys.stderr is looked up now, not at import: it may have been replaced since
+        self.stream, self.quiet = stream or sys.stderr, quiet
         self.stage, self.last_percent = None, -1
         self.tty = hasattr(stream, "isatty") and stream.isatty()
 

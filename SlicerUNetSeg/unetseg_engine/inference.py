@@ -7,7 +7,9 @@ Geometry: the scan is resampled once onto the model grid (``preprocess.prepare``
 come back onto the input grid by linear interpolation, only inside the box where some organ has a
 probability above ``REGION_THRESHOLD`` (elsewhere background wins the argmax anyway, because linear
 interpolation is a convex combination). So a 4 mm model gives smooth boundaries on a 0.8 mm scan
-without a float copy of every class at full resolution.
+without a float copy of every class at full resolution. For the same reason, a voxel whose 8
+surrounding model voxels share their most probable class takes that class without interpolating
+anything; only voxels on organ boundaries are interpolated (``Predictor._argmax_on``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from .preprocess import Box, box_reference, prepare
 ProgressCallback = Callable[[str, float], None]
 CancelCallback = Callable[[], bool]
 REGION_THRESHOLD = 0.01
+# Above this fraction of boundary voxels (a noisy, untrained network) ``_argmax_on`` interpolates
+# every class at every voxel instead, which then costs less.
+MIXED_FRACTION_LIMIT = 0.15
 
 # MONAI 1.5 indexes tensors with lists, which torch >= 2.9 warns about on every window.
 warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
@@ -76,6 +81,31 @@ def _count_windows(shape_zyx, roi_zyx, overlap: float) -> int:
         step = max(int(roi * (1 - overlap)), 1)
         total *= math.ceil((size - roi) / step) + 1
     return total
+
+
+def _axis_aligned(to_model: np.ndarray) -> list[int] | None:
+    """For each input axis, the model axis it runs along, if the grids are axis-aligned (else None)."""
+    axes = [int(np.argmax(np.abs(to_model[:, a]))) for a in range(3)]
+    if sorted(axes) != [0, 1, 2]:
+        return None
+    off = np.abs(to_model).copy()
+    for a, p in enumerate(axes):
+        off[p, a] = 0.0
+    return axes if off.max() <= 1e-9 * np.abs(to_model).max() else None
+
+
+def _argmax_first_axis(stack: np.ndarray, dtype) -> np.ndarray:
+    """``np.argmax(stack, axis=0)`` (ties to the lower index), one contiguous pass per channel.
+
+    Much faster than numpy's strided reduction over the first axis of a (C, ...) array.
+    """
+    best = stack[0].copy()
+    index = np.zeros(best.shape, dtype)
+    for c in range(1, stack.shape[0]):
+        take = stack[c] > best
+        np.copyto(best, stack[c], where=take)
+        index[take] = c
+    return index
 
 
 class Predictor:
@@ -126,7 +156,7 @@ class Predictor:
                                f"description ({str(error).splitlines()[0]}).") from None
         network = volume_network(core, net["spatial_dims"]).eval()
         self.network = network.to(self.device)
-        if self.device == "cuda" and net["spatial_dims"] == 3:
+        if net["spatial_dims"] == 3:  # oneDNN (CPU) and cuDNN convolutions run faster channels-last
             self.network = self.network.to(memory_format=torch.channels_last_3d)
         self.model = package
         return package
@@ -287,6 +317,99 @@ class Predictor:
         # a copy: a view would dangle once ``resampled`` is freed at return
         return sitk.GetArrayFromImage(resampled)
 
+    def _argmax_on(self, probs: np.ndarray, prepared, ref: sitk.Image,
+                   is_cancelled: CancelCallback) -> np.ndarray:
+        """The class index (k, j, i) of the largest linearly interpolated probability at ``ref``'s voxels.
+
+        The same result as interpolating every class onto ``ref`` and taking the argmax (ties to the
+        lower class), at a fraction of the cost: interpolation is a convex combination of the 8 model
+        voxels around a point, so where those 8 share their argmax, the interpolated argmax is that
+        class too. One nearest-neighbour resampling of the model grid's cells (uint8) labels all such
+        voxels; only voxels in cells whose corners disagree (organ boundaries) are interpolated.
+        """
+        from scipy import ndimage
+
+        n_classes = probs.shape[0]
+        small = np.uint8 if n_classes < 255 else np.uint16
+        mixed = n_classes  # marks cells whose 8 corners disagree
+        top = _argmax_first_axis(probs, small)
+        # Edge-replicated, as the linear interpolator clamps at the border: cell (z, y, x) of the padded
+        # grid spans model indices [z - 1, z] x [y - 1, y] x [x - 1, x].
+        padded = np.pad(top, 1, mode="edge")
+        cells = padded[:-1, :-1, :-1].copy()
+        same = np.ones(cells.shape, bool)
+        for dz, dy, dx in product((0, 1), repeat=3):
+            if dz or dy or dx:
+                same &= padded[dz:dz + cells.shape[0], dy:dy + cells.shape[1],
+                               dx:dx + cells.shape[2]] == cells
+        cells[~same] = mixed
+        del same, padded
+        grid = prepared.grid
+        # Input index (i, j, k) -> model continuous index (x, y, z): origin + to_model @ (i, j, k).
+        to_physical = np.array(ref.GetDirection()).reshape(3, 3) * np.array(ref.GetSpacing())
+        to_model = np.linalg.inv(np.array(grid.GetDirection()).reshape(3, 3) *
+                                 np.array(grid.GetSpacing())) @ to_physical
+        origin = np.array(grid.TransformPhysicalPointToContinuousIndex(ref.GetOrigin()))
+        axes = _axis_aligned(to_model)
+        if axes is not None:
+            # Each input axis runs along one model axis: the cell of every voxel is a separable lookup
+            # (nearest cell centre, as the nearest-neighbour resampling below would pick).
+            size = ref.GetSize()
+            along = [origin[axes[a]] + to_model[axes[a], a] * np.arange(size[a]) for a in range(3)]
+            lookup: list[Any] = [None, None, None]  # per model axis x, y, z
+            for a in range(3):
+                p = axes[a]
+                cell = np.clip(np.floor(along[a] + 1.0), 0, cells.shape[2 - p] - 1).astype(np.intp)
+                lookup[p] = cell.reshape([-1 if d == 2 - a else 1 for d in range(3)])
+            out = cells[lookup[2], lookup[1], lookup[0]]
+        else:
+            cell_image = sitk.GetImageFromArray(cells)
+            cell_image.SetSpacing(grid.GetSpacing())
+            cell_image.SetDirection(grid.GetDirection())
+            cell_image.SetOrigin(grid.TransformContinuousIndexToPhysicalPoint([-0.5, -0.5, -0.5]))
+            pixel = sitk.sitkUInt8 if small is np.uint8 else sitk.sitkUInt16
+            out = sitk.GetArrayFromImage(sitk.Resample(cell_image, ref, sitk.Transform(),
+                                                       sitk.sitkNearestNeighbor, 0.0, pixel))
+        del cells
+        if is_cancelled():
+            raise CancelledError()
+        kji = np.nonzero(out == mixed)
+        if kji[0].size > MIXED_FRACTION_LIMIT * out.size:  # a noisy model: interpolate every class
+            del kji
+            return self._argmax_resampled(probs, prepared, ref, is_cancelled, out)
+        if kji[0].size:
+            # Model-grid continuous indices of those voxels, clamped as the linear interpolator does.
+            shape_xyz = probs.shape[1:][::-1]
+            coords = []
+            for p in (2, 1, 0):  # model z, y, x, as the (C, z, y, x) array is indexed
+                if axes is not None:
+                    a = axes.index(p)
+                    c = along[a][kji[2 - a]]
+                else:
+                    row = to_model[p]
+                    c = origin[p] + row[0] * kji[2] + row[1] * kji[1] + row[2] * kji[0]
+                np.clip(c, 0, shape_xyz[p] - 1, out=c)
+                coords.append(c)
+            scores = np.empty((n_classes, kji[0].size), np.float32)
+            for c in range(n_classes):
+                ndimage.map_coordinates(probs[c], coords, output=scores[c], order=1, mode="nearest",
+                                        prefilter=False)
+            out[kji] = _argmax_first_axis(scores, small)
+        return out
+
+    def _argmax_resampled(self, probs, prepared, ref, is_cancelled, out: np.ndarray) -> np.ndarray:
+        """``_argmax_on`` by resampling every class onto ``ref`` (into ``out``, reused)."""
+        best_p = self._channel_on(probs, 0, prepared, ref, 1.0)
+        out[...] = 0
+        for c in range(1, probs.shape[0]):
+            if is_cancelled():
+                raise CancelledError()
+            p = self._channel_on(probs, c, prepared, ref, 0.0)
+            take = p > best_p
+            best_p[take] = p[take]
+            out[take] = c
+        return out
+
     def _to_input_grid(self, probs, prepared, is_cancelled):
         model = self.model
         assert model is not None
@@ -324,15 +447,10 @@ class Predictor:
             box = self._region_box(probs, prepared, range(1, probs.shape[0]))
             if box is not None:
                 ref = box_reference(reference, box)
-                best_p = np.array(self._channel_on(probs, 0, prepared, ref, 1.0))
-                best_c = np.zeros(best_p.shape, dtype)
-                for c in range(1, probs.shape[0]):
-                    if is_cancelled():
-                        raise CancelledError()
-                    p = self._channel_on(probs, c, prepared, ref, 0.0)
-                    take = p > best_p
-                    best_p[take] = p[take]
-                    best_c[take] = values[c - 1]
+                classes = self._argmax_on(probs, prepared, ref, is_cancelled)
+                lut = np.array([0] + values, dtype)
+                best_c = lut[classes]
+                del classes
                 if self.postprocess:
                     postprocess_label_map(best_c, model.labels, voxel_mm3)
                 label_map[box.slices_kji()] = best_c

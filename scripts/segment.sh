@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 DATA=${UNETSEG_DATA:-../shared/data}
 INPUT=${1:-$DATA/openkbp_hn_oar/imagesTr/pt_201_0000.nii.gz}
-OUTPUT=${2:-out/$(basename "${INPUT%%.*}").seg.nrrd}
+NAME=$(basename "$INPUT")
+OUTPUT=${2:-out/${NAME%%.*}.seg.nrrd}
 mkdir -p "$(dirname "$OUTPUT")"
 .venv/bin/unetseg segment "$INPUT" -o "$OUTPUT"

@@ -128,7 +128,7 @@ def _run_ours(args, result: dict[str, Any]) -> sitk.Image:
     result["import_s"] = time.perf_counter() - result.pop("_t_import")
     result["threads"] = torch.get_num_threads()
     result["rss_after_import_mb"] = _peak_rss_mb()
-    predictor = Predictor(device=args.device)
+    predictor = Predictor(device=args.device, postprocess=not args.no_postprocess)
     t = time.perf_counter()
     predictor.load(args.model)
     load_s = time.perf_counter() - t
@@ -203,6 +203,7 @@ def child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--no-postprocess", action="store_true", help="ours without the model's clean-up")
     parser.add_argument("--pred", required=True, help="where to write the label map")
     parser.add_argument("--result", required=True, help="where to write the JSON result")
     args = parser.parse_args(argv)
@@ -245,7 +246,7 @@ def child_main(argv: list[str] | None = None) -> int:
 
 
 def run_child(kind: str, input_path: Path, model: str, device: str, folder: Path, runs: int,
-              threads: int | None) -> tuple[dict[str, Any], Path]:
+              threads: int | None, postprocess: bool = True) -> tuple[dict[str, Any], Path]:
     pred = folder / f"{input_path.stem}_{kind}_{device}.nrrd"
     result_path = folder / f"{input_path.stem}_{kind}_{device}.json"
     command = [sys.executable, "-m", "unetseg_engine.benchmark", "--child", kind, "--input",
@@ -253,6 +254,8 @@ def run_child(kind: str, input_path: Path, model: str, device: str, folder: Path
                "--pred", str(pred), "--result", str(result_path)]
     if threads:
         command += ["--threads", str(threads)]
+    if not postprocess:
+        command.append("--no-postprocess")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     process = subprocess.run(command, env=env, capture_output=True, text=True)
     if result_path.is_file():
@@ -306,7 +309,7 @@ def _score(result: dict[str, Any], pred_path: Path, reference_grid: sitk.Image, 
 def run_benchmark(model: str | None, case: str = "pt_201", sizes=("native", "clinical"),
                   devices=("cpu",), skip_reference: bool = False, threads: int | None = None,
                   keep: Path | None = None, reference_runs: int | None = None,
-                  log=print) -> dict[str, Any]:
+                  postprocess: bool = True, log=print) -> dict[str, Any]:
     """Run the comparison and return the result dictionary (the JSON written by --json)."""
     from .modelpkg import get_model
 
@@ -328,7 +331,9 @@ def run_benchmark(model: str | None, case: str = "pt_201", sizes=("native", "cli
                                          "shape": list(truth_image.GetSize()),
                                          "spacing_mm": [round(s, 4) for s in truth_image.GetSpacing()]}
                 log(f"[{case} {size} {device}] our engine ...")
-                ours, pred = run_child("ours", input_path, model_path, device, folder, 2, threads)
+                ours, pred = run_child("ours", input_path, model_path, device, folder, 2, threads,
+                                       postprocess)
+                ours["postprocess"] = postprocess
                 _score(ours, pred, grid, truth, package.labels, names)
                 entry["ours"] = ours
                 if "skipped" in ours:
@@ -412,6 +417,7 @@ def benchmark_cli(args) -> int:
     report = run_benchmark(args.model, args.case, sizes, devices, args.skip_reference,
                            threads=getattr(args, "threads", None), keep=getattr(args, "keep", None),
                            reference_runs=getattr(args, "reference_runs", None),
+                           postprocess=not getattr(args, "no_postprocess", False),
                            log=lambda text: print(text, file=sys.stderr, flush=True))
     print(format_table(report))
     if args.json_path:

@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", help="keep the inputs and both label maps in this folder")
     p.add_argument("--reference-runs", dest="reference_runs", type=int,
                    help="runs of the MONAI pipeline per case (default: 2 native, 1 clinical)")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="run ours without the model's clean-up rules (the MONAI pipeline has none)")
     p.set_defaults(func=cmd_benchmark)
     return parser
 

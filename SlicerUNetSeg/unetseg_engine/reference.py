@@ -8,6 +8,9 @@ This is the pipeline a MONAI user would write for a trained model, with the mode
 Geometry: MONAI loads arrays in ITK index order (x, y, z) with a RAS affine. Our model grid is axis-
 aligned with identity direction in LPS (i -> L, j -> P, k -> S), which is MONAI's axcodes "LPS"; the
 model's ``patch_size`` is (x, y, z), the order of MONAI's spatial dims, so it is the ROI as it is.
+The package's networks were trained on (z, y, x) arrays (SimpleITK/numpy order), so each window is
+transposed to (z, y, x) for the network and its output back to (x, y, z): without that, the network
+would see every patch with x and z swapped.
 Each transform is applied in turn (exactly what ``Compose`` does) so its time can be reported.
 """
 
@@ -79,7 +82,12 @@ class ReferencePipeline:
         core.load_state_dict(state)
         if net["spatial_dims"] != 3:  # MONAI's windows are (x, y, z); a 2D model runs on (x, y, 1)
             raise ValueError("the MONAI reference pipeline takes 3D models")
-        self.network = volume_network(core, 3).eval().to(self.device)
+        network = volume_network(core, 3).eval().to(self.device)
+
+        def zyx_network(x):  # MONAI's (B, C, x, y, z) windows -> the network's (B, C, z, y, x)
+            return network(x.permute(0, 1, 4, 3, 2)).permute(0, 1, 4, 3, 2)
+
+        self.network = zyx_network
 
     def run(self, path: str, stages: dict[str, float]) -> sitk.Image:
         """Segment the image file at ``path``; returns the label map (model label values) on its grid."""

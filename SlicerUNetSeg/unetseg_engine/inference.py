@@ -75,8 +75,7 @@ class SegmentationResult:
 def _count_windows(shape_zyx, roi_zyx, overlap: float) -> int:
     total = 1
     for size, roi in zip(shape_zyx, roi_zyx):
-        roi = min(roi, size) if size < roi else roi
-        if size <= roi:
+        if size <= roi:  # one window (MONAI pads the image up to the window)
             continue
         step = max(int(roi * (1 - overlap)), 1)
         total *= math.ceil((size - roi) / step) + 1

@@ -169,7 +169,7 @@ class Trainer:
         from monai.inferers import sliding_window_inference
         from monai.utils import set_determinism
 
-        from ..networks import build_network, volume_network
+        from ..networks import build_network, main_output, volume_network
 
         cfg = self.cfg
         if cfg.num_threads:
@@ -309,8 +309,6 @@ class Trainer:
                 images = images.contiguous(memory_format=torch.channels_last_3d)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, enabled=use_cuda):
-                from ..networks import main_output
-
                 loss = loss_fn(main_output(network(images)).float(), target_for(labels))
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)

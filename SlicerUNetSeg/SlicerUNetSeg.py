@@ -8,7 +8,6 @@ a crash or out-of-memory in inference cannot take Slicer down, and the model sta
 
 from __future__ import annotations
 
-import os
 
 import slicer
 import vtk

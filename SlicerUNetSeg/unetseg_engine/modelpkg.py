@@ -213,9 +213,8 @@ def import_model(source: str | os.PathLike, destination: Path | None = None,
         else:
             raise UNetSegError(f"'{source}' is neither a model package folder nor a .zip of one.")
         package = load_package(root)
-        expected, actual = package.meta["weights"]["sha256"], sha256_of(package.weights_path) \
-            if package.weights_path.is_file() else None
-        if actual != expected:
+        weights = package.weights_path
+        if not weights.is_file() or sha256_of(weights) != package.meta["weights"]["sha256"]:
             raise UNetSegError(f"The weights of '{package.id}' are missing or do not match the checksum "
                                "in its metadata; the package is damaged.")
         target = destination / package.id

@@ -217,7 +217,7 @@ class Trainer:
         warmup = max(1, min(100, cfg.iterations // 20))
 
         budget_s = cfg.time_limit_min * 60 if cfg.time_limit_min else None
-        clock = {"start": time.time(), "offset": 0.0}
+        clock_start = time.time()
 
         def lr_factor(it: int) -> float:
             """Linear warm-up, then nnU-Net's polynomial decay (power 0.9). With a time limit, the
@@ -227,7 +227,7 @@ class Trainer:
                 return (it + 1) / warmup
             done = (it - warmup) / max(1, cfg.iterations - warmup)
             if budget_s:
-                done = max(done, (clock["offset"] + time.time() - clock["start"]) / budget_s)
+                done = max(done, (time.time() - clock_start) / budget_s)
             return max(0.0, 1 - min(done, 1.0)) ** 0.9
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)

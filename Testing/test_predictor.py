@@ -96,3 +96,28 @@ def test_multilabel_overlaps_become_overlapping_segments(ct, tiny_multilabel_pac
     layer2 = seg["voxels"][by_name["Structure2"]["layer"]].transpose(2, 1, 0) == 2
     np.testing.assert_array_equal(layer1, full[0])
     np.testing.assert_array_equal(layer1 & layer2, overlap)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_channels_last_instance_norm_computes_what_instance_norm_does(affine):
+    import torch
+    from unetseg_engine.networks import build_network, channels_last_instance_norm
+
+    torch.manual_seed(0)
+    norm = ["instance", {"affine": True}] if affine else "instance"
+    net = build_network("UNet", 3, 1, 4, {"channels": [8, 16, 32], "strides": [2, 2],
+                                          "num_res_units": 1, "norm": norm}).eval()
+    if affine:  # non-trivial scale and shift, so a dropped weight or bias would show
+        for m in net.modules():
+            if isinstance(m, torch.nn.InstanceNorm3d):
+                torch.nn.init.uniform_(m.weight, 0.5, 2.0)
+                torch.nn.init.uniform_(m.bias, -1.0, 1.0)
+    x = (torch.rand(2, 1, 32, 24, 40) * 3 + 1).contiguous(memory_format=torch.channels_last_3d)
+    net = net.to(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        expected = net(x)
+        n_norms = sum(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
+        assert channels_last_instance_norm(net) == n_norms > 0
+        assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
+        got = net(x)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)

@@ -139,7 +139,7 @@ class Predictor:
         """Build the network and load checked weights; a no-op if this model is already loaded."""
         import torch
 
-        from .networks import build_network, volume_network
+        from .networks import build_network, channels_last_instance_norm, volume_network
 
         package = model if isinstance(model, ModelPackage) else get_model(model)
         if self.model is not None and self.model.path == package.path and \
@@ -157,6 +157,8 @@ class Predictor:
         self.network = network.to(self.device)
         if net["spatial_dims"] == 3:  # oneDNN (CPU) and cuDNN convolutions run faster channels-last
             self.network = self.network.to(memory_format=torch.channels_last_3d)
+            if self.device == "cpu":
+                channels_last_instance_norm(self.network)
         self.model = package
         return package
 

@@ -138,3 +138,34 @@ def volume_network(network, spatial_dims: int):
             return out.reshape(b, d, -1, h, w).permute(0, 2, 1, 3, 4)
 
     return SliceWise(network)
+
+
+def channels_last_instance_norm(network) -> int:
+    """Swap each InstanceNorm layer for the same computation done by ``group_norm`` (one group per
+    channel); returns how many were swapped. For inference on the CPU in channels-last layout.
+
+    PyTorch's instance norm copies a channels-last tensor to channels-first and back on every call
+    (a quarter of the network's time here); its group norm has a channels-last CPU kernel. The
+    result is the same up to float rounding (outputs checked against the original network in
+    ``Testing/test_predictor.py``). Layers with running statistics are left alone.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    class InstanceNormAsGroupNorm(torch.nn.Module):
+        def __init__(self, norm):
+            super().__init__()
+            self.num_features, self.eps = norm.num_features, norm.eps
+            self.weight, self.bias = norm.weight, norm.bias
+
+        def forward(self, x):
+            return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+
+    norms = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)
+    swapped = 0
+    for module in list(network.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, norms) and not child.track_running_stats:
+                setattr(module, name, InstanceNormAsGroupNorm(child))
+                swapped += 1
+    return swapped

@@ -105,9 +105,14 @@ def test_init_from_a_package_starts_from_its_weights_and_plan(trained, tmp_path)
     out, package_dir = trained
     cfg = TrainConfig(dataset=data_path("openkbp_hn_oar"), output=tmp_path, model_id="tiny-continued",
                       iterations=5, val_every=5, batch_size=2, num_threads=2,
-                      init_from=str(package_dir))
+                      init_from=str(package_dir), patch_size=[48, 32, 32])
     continued = load_package(Trainer(cfg).run())
-    assert continued.meta["preprocessing"] == load_package(package_dir).meta["preprocessing"]
+    original = load_package(package_dir)
+    assert continued.meta["preprocessing"] == original.meta["preprocessing"]
+    assert continued.meta["network"] == original.meta["network"]
+    assert continued.meta["inference"]["patch_size"] == [48, 32, 32]
+    assert continued.meta["training"]["init_from"] == {
+        "id": "tiny-trained", "version": "1.0.0", "sha256": original.meta["weights"]["sha256"]}
     first = json.loads(torch.load(out / "checkpoint.pt", weights_only=True)["history_json"])["loss"]
     again = json.loads(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history_json"])["loss"]
     assert np.mean(again[:5]) < 0.9 * np.mean(first[:5])  # not a fresh network

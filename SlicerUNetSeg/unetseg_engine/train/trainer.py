@@ -142,15 +142,21 @@ class Trainer:
         return plan
 
     def plan_from_package(self, package) -> dict[str, Any]:
-        """Continue training an existing model: its grid, normalisation and network, unchanged."""
+        """Continue training an existing model: its grid, normalisation and network, unchanged.
+
+        The patch size may change (``--patch-size``): the networks are fully convolutional.
+        """
         meta = package.meta
         if [label["name"] for label in meta["labels"]] != [self.label_names[v] for v in
                                                              self.label_values]:
             raise UNetSegError(f"Model '{package.id}' has labels {package.label_names}; the dataset "
                                f"has {list(self.dataset.labels)}. They must match to continue training.")
+        patch = self.cfg.patch_size or meta["inference"]["patch_size"]
         return {"preprocessing": meta["preprocessing"], "network": meta["network"],
-                "patch_size": meta["inference"]["patch_size"], "modality": meta["modality"],
-                "fingerprint": meta.get("training", {}).get("fingerprint"), "init_from": package.id}
+                "patch_size": [int(p) for p in patch], "modality": meta["modality"],
+                "fingerprint": meta.get("training", {}).get("fingerprint"),
+                "init_from": {"id": package.id, "version": meta["version"],
+                              "sha256": meta["weights"]["sha256"]}}
 
     def load_cases(self, cases: list[Case]) -> list[dict[str, np.ndarray]]:
         out = []
@@ -379,6 +385,7 @@ class Trainer:
                 "iterations": iterations_done, "batch_size": cfg.batch_size, "loss": cfg.loss,
                 "learning_rate": cfg.learning_rate, "seed": cfg.seed,
                 "device": str(self.device), "time_s": round(train_time, 1),
+                "patch_size": plan["patch_size"], "init_from": plan.get("init_from"),
                 "augmentation": {"affine": True, "elastic": cfg.elastic, "noise": True, "gamma": True,
                                  "coarse_dropout": cfg.coarse_dropout, "flip_axes": cfg.flip_axes},
                 "validation_dice_model_grid": val_metrics,

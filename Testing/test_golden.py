@@ -4,9 +4,9 @@ contours. A broken weight file, a flipped axis, a wrong window or a resampling b
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_geometry import oblique_copy
 
 from helpers import OPENKBP_LABELS, openkbp
-from test_geometry import oblique_copy
 from unetseg_engine.imageio import read_image
 from unetseg_engine.inference import Predictor
 from unetseg_engine.metrics import dice

@@ -101,6 +101,7 @@ def test_multilabel_overlaps_become_overlapping_segments(ct, tiny_multilabel_pac
 @pytest.mark.parametrize("affine", [False, True])
 def test_channels_last_instance_norm_computes_what_instance_norm_does(affine):
     import torch
+
     from unetseg_engine.networks import build_network, channels_last_instance_norm
 
     torch.manual_seed(0)

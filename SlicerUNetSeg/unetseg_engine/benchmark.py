@@ -368,7 +368,8 @@ def _fmt(value, spec: str = ".2f", none: str = "-") -> str:
 def format_table(report: dict[str, Any]) -> str:
     lines = []
     m = report["machine"]
-    lines.append(f"Machine: {m.get('processor') or m.get('platform')}, {m.get('cpu_affinity', m.get('cpu_count'))}"
+    cores = m.get("cpu_affinity", m.get("cpu_count"))
+    lines.append(f"Machine: {m.get('processor') or m.get('platform')}, {cores}"
                  f" CPU cores, {m.get('memory_gb', '?')} GB; torch {m.get('torch')}, monai {m.get('monai')}; "
                  f"load average at start {m.get('load_average')}")
     lines.append(f"Model: {report['model']['id']} ({report['model']['path']})")
@@ -394,7 +395,8 @@ def format_table(report: dict[str, Any]) -> str:
         if "ratio_time" in case:
             lines.append(f"{'':<27}ours/MONAI: time {case['ratio_time']:.3f} (cold "
                          f"{case['ratio_time_cold']:.3f}), memory {case['ratio_memory']:.3f}"
-                         + (f", GPU memory {case['ratio_gpu_memory']:.3f}" if "ratio_gpu_memory" in case else "")
+                         + (f", GPU memory {case['ratio_gpu_memory']:.3f}"
+                            if "ratio_gpu_memory" in case else "")
                          + (f", Dice {case['dice_difference']:+.4f}" if "dice_difference" in case else ""))
     lines += ["", "Stages (s, warm run):"]
     for case in report["cases"]:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import product
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk

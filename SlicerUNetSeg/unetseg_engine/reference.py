@@ -37,8 +37,16 @@ class ReferencePipeline:
     """MONAI's pipeline for one model package; ``run`` maps an image file to labels on its grid."""
 
     def __init__(self, package, device: str = "cpu") -> None:
-        from monai.transforms import (AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged,
-                                      Orientationd, ScaleIntensityRanged, Spacingd)
+        from monai.transforms import (
+            AsDiscreted,
+            Compose,
+            EnsureChannelFirstd,
+            Invertd,
+            LoadImaged,
+            Orientationd,
+            ScaleIntensityRanged,
+            Spacingd,
+        )
 
         meta = package.meta
         if package.multilabel:

@@ -8,11 +8,13 @@ a crash or out-of-memory in inference cannot take Slicer down, and the model sta
 
 from __future__ import annotations
 
-
 import slicer
 import vtk
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
-                                           ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 from SlicerUNetSegLib import dependencies, panelText
@@ -66,7 +68,9 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.models: list[dict] = []
         # Dialogs go through these, so tests and scripts can answer them.
         self.confirm = lambda text: slicer.util.confirmYesNoDisplay(text)
-        self.showError = lambda text, details=None: slicer.util.errorDisplay(text, detailedText=details)
+        # no detailedText key without details: PythonQt would show the text "None" in a details pane
+        self.showError = lambda text, details=None: slicer.util.errorDisplay(
+            text, **({"detailedText": details} if details else {}))
 
     def setup(self) -> None:
         import qt
@@ -133,7 +137,8 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         node = self._parameterNode
         if not node.inputVolume:
-            node.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            node.inputVolume = next((v for v in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                                     if not v.IsA("vtkMRMLLabelMapVolumeNode")), None)
         if not node.modelId and self.models:
             self.onModelChanged(0)
 
@@ -328,7 +333,9 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDone(self, job) -> None:
         self.timer.stop()
         if job.state == "done":
-            self._parameterNode.outputSegmentation = job.segmentationNode
+            # the parameter node is released while the user is in another module (``exit``)
+            (self._parameterNode or self.logic.getParameterNode()).outputSegmentation = \
+                job.segmentationNode
             self.ui.progressBar.setValue(100)
             self.ui.stageLabel.setText("done")
             for message in job.messages:

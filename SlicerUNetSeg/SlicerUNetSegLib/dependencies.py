@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 MINIMUM_TORCH = "2.2"
 # What the worker imports besides torch (pyproject.toml lists the same for the command line).
@@ -92,8 +92,10 @@ def ensureDependencies(confirm: Callable[[str], bool], log: Callable[[str], None
         import slicer
 
         log("Installing " + ", ".join(missing) + "...")
-        # torch is pinned by the PyTorch extension: keep pip from replacing it with another build
-        slicer.util.pip_install(missing)
+        # torch comes from the PyTorch extension (the right CUDA/CPU build): pin it, so that pip picks
+        # package versions that fit it instead of replacing it with another build from PyPI
+        torchVersion, _ = torchStatus()
+        slicer.util.pip_install(missing + ([f"torch=={torchVersion}"] if torchVersion else []))
         still = missingRequirements()
         if still:
             raise RuntimeError("Could not install " + ", ".join(still) + ". Check the network connection, "

@@ -18,7 +18,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import slicer
@@ -228,6 +229,9 @@ class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
                 created = node = volume.GetScene().AddNewNodeByClass(
                     "vtkMRMLSegmentationNode", f"{volume.GetName()} {job.model.id}")
             wasModified = node.StartModify()
+            # Under the volume's transform first: the reference geometry is computed relative to the
+            # segmentation's own transform, so setting it afterwards would apply the transform twice.
+            node.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
             node.GetSegmentation().DeepCopy(staging.GetSegmentation())
             node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
             node.EndModify(wasModified)

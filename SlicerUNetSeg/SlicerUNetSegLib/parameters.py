@@ -5,8 +5,10 @@ dynamic property (``connectGui``); the model and device combo boxes are synchron
 because their items are filled at run time.
 """
 
+from typing import Annotated
+
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 
 MAX_INPUTS = 4
 INPUT_PARAMETERS = ("inputVolume", "inputVolume2", "inputVolume3", "inputVolume4")
@@ -27,7 +29,8 @@ class SlicerUNetSegParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     modelId: str = ""
     overrideWindow: bool = False
-    windowLevel: float = 40.0
-    windowWidth: float = 400.0
+    # the ranges go on the spin boxes (connectGui replaces the .ui's range with these, or -inf..inf)
+    windowLevel: Annotated[float, WithinRange(-3000.0, 3000.0)] = 40.0
+    windowWidth: Annotated[float, WithinRange(1.0, 8000.0)] = 400.0
     device: str = "auto"
 

@@ -140,9 +140,26 @@ def _parse(annotation, text: str):
     return annotation(text)
 
 
+class WithinRange:
+    """Slicer's validator of the same name: the value must lie in [minimum, maximum]."""
+
+    def __init__(self, minimum, maximum):
+        self.minimum, self.maximum = minimum, maximum
+
+
+def _spinBoxRange(annotated) -> tuple[float, float]:
+    """The range Slicer's spin-box connector gives a widget: the annotation's ``WithinRange``, else
+    -inf..inf (Slicer overrides whatever range the .ui file set)."""
+    for item in typing.get_args(annotated)[1:]:
+        if isinstance(item, WithinRange):
+            return item.minimum, item.maximum
+    return float("-inf"), float("inf")
+
+
 def parameterNodeWrapper(cls):
     """Typed access to a vtkMRMLScriptedModuleNode, like Slicer's decorator of the same name."""
     hints = typing.get_type_hints(cls)
+    annotated = typing.get_type_hints(cls, include_extras=True)
     defaults = {name: cls.__dict__.get(name) for name in hints}
 
     def makeProperty(name, annotation):
@@ -164,6 +181,7 @@ def parameterNodeWrapper(cls):
     for name, annotation in hints.items():
         setattr(cls, name, makeProperty(name, annotation))
     cls.__init__ = __init__
+    cls._annotated = annotated
     cls.connectGui = _connectGui
     cls.disconnectGui = _disconnectGui
     cls.allParameters = property(lambda self: {n: getattr(self, n) for n in hints})
@@ -194,7 +212,11 @@ def _connectGui(self, ui):
         if not name:
             continue
         read, write, changed = _widgetBinding(widget)
-        setter = (lambda value, n=name: setattr(self, n, value))
+        if type(widget).__name__ in ("QDoubleSpinBox", "QSpinBox"):
+            widget.setRange(*_spinBoxRange(self._annotated[name]))
+
+        def setter(value, n=name):
+            setattr(self, n, value)
         changed.connect(setter)
         bindings.append((name, read, write, changed, setter))
 
@@ -236,6 +258,7 @@ def install() -> None:
     scripted.__all__ = [item for item in vars(scripted) if item.startswith("Scripted")]
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
     wrapper.parameterNodeWrapper = parameterNodeWrapper
+    wrapper.WithinRange = WithinRange
     sys.modules["slicer.ScriptedLoadableModule"] = slicer.ScriptedLoadableModule = scripted
     sys.modules["slicer.parameterNodeWrapper"] = slicer.parameterNodeWrapper = wrapper
     newScene()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicer
+import vtk
 
 from SlicerUNetSegLib.geometry import ijkToRasArray, loadVolumeFile, lpsGeometry
 from SlicerUNetSegLib.segmentationBuilder import segmentationSnapshot, terminologyEntryString
@@ -206,10 +207,26 @@ def test_linear_transform_and_study_placement(logic, ct, scene):
     study = shNode.CreateStudyItem(patient, "Planning CT study")
     shNode.CreateItem(study, ct)
     move = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 100.0)  # 100 mm to the left: applied twice, the labels would miss the CT
+    move.SetMatrixTransformToParent(shift)
     ct.SetAndObserveTransformNodeID(move.GetID())
     segmentation = logic.process(ct, None, TINY_MODEL_ID, device="cpu")
     assert shNode.GetItemParent(shNode.GetItemByDataNode(segmentation)) == study
     assert segmentation.GetTransformNodeID() == move.GetID()
+    # The reference geometry is the CT's own grid (both sit under the same transform), so exporting
+    # to a label map on it keeps every voxel of every segment.
+    ijkToRas = vtk.vtkMatrix4x4()
+    ct.GetIJKToRASMatrix(ijkToRas)
+    geometry = segmentation.GetSegmentation().GetConversionParameter("Reference image geometry")
+    matrix = [float(v) for v in geometry.split(";")[:16]]
+    assert np.allclose(matrix, [ijkToRas.GetElement(r, c) for r in range(4) for c in range(4)])
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportAllSegmentsToLabelmapNode(
+        segmentation, labelmap, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+    exported = slicer.util.arrayFromVolume(labelmap)
+    assert exported.shape == slicer.util.arrayFromVolume(ct).shape
+    assert exported.any()
 
 
 def test_import_model_package_from_zip(logic, modelsDir, tmp_path):

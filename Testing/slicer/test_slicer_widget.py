@@ -166,6 +166,9 @@ def test_settings_round_trip_through_the_parameter_node(panel, ct, scene):
     assert (node.device, node.overrideWindow, node.windowLevel) == ("cuda", True, 55.0)
     node.windowWidth = 321.0  # parameter node -> GUI
     assert panel.ui.windowWidthSpinBox.value() == 321
+    panel.ui.windowWidthSpinBox.setValue(0)  # a zero-width window cannot be entered
+    assert node.windowWidth == 1.0
+    panel.ui.windowWidthSpinBox.setValue(321)
     second = SlicerUNetSeg.SlicerUNetSegWidget()  # a fresh panel on the same scene shows the same
     second.setup()
     try:

@@ -373,27 +373,27 @@ def format_table(report: dict[str, Any]) -> str:
                  f" CPU cores, {m.get('memory_gb', '?')} GB; torch {m.get('torch')}, monai {m.get('monai')}; "
                  f"load average at start {m.get('load_average')}")
     lines.append(f"Model: {report['model']['id']} ({report['model']['path']})")
-    header = (f"{'case':<22}{'dev':<5}{'pipeline':<10}{'warm s':>8}{'cold s':>8}{'peak RSS MB':>12}"
+    header = (f"{'case':<32}{'dev':<5}{'pipeline':<10}{'warm s':>8}{'cold s':>8}{'peak RSS MB':>12}"
               f"{'GPU MB':>8}{'Dice':>8}{'grid':>6}")
     lines += ["", header, "-" * len(header)]
     for case in report["cases"]:
         name = f"{case['name']} {'x'.join(map(str, case['shape']))}"
         if case.get("skipped"):
-            lines.append(f"{name:<22}{case['device']:<5}skipped: {case['skipped']}")
+            lines.append(f"{name:<32}{case['device']:<5}skipped: {case['skipped']}")
             continue
         for key, label in (("ours", "ours"), ("reference", "MONAI")):
             r = case.get(key)
             if r is None:
                 continue
             if "error" in r:
-                lines.append(f"{name:<22}{case['device']:<5}{label:<10}error: {r['error']}")
+                lines.append(f"{name:<32}{case['device']:<5}{label:<10}error: {r['error']}")
                 continue
             grid = {True: "ok", False: "OFF"}.get(r.get("on_input_grid"), "-")
-            lines.append(f"{name:<22}{case['device']:<5}{label:<10}{_fmt(r.get('total_s')):>8}"
+            lines.append(f"{name:<32}{case['device']:<5}{label:<10}{_fmt(r.get('total_s')):>8}"
                          f"{_fmt(r.get('cold_s')):>8}{_fmt(r.get('peak_rss_mb'), '.0f'):>12}"
                          f"{_fmt(r.get('peak_gpu_mb'), '.0f'):>8}{_fmt(r.get('dice'), '.4f'):>8}{grid:>6}")
         if "ratio_time" in case:
-            lines.append(f"{'':<27}ours/MONAI: time {case['ratio_time']:.3f} (cold "
+            lines.append(f"{'':<37}ours/MONAI: time {case['ratio_time']:.3f} (cold "
                          f"{case['ratio_time_cold']:.3f}), memory {case['ratio_memory']:.3f}"
                          + (f", GPU memory {case['ratio_gpu_memory']:.3f}"
                             if "ratio_gpu_memory" in case else "")

@@ -61,6 +61,16 @@ def test_network_parameters_outside_the_allow_list_are_refused(model_dirs, tiny_
         get_model(copy)
 
 
+def test_mirror_pairs_must_name_the_model_labels(model_dirs, tiny_package, tmp_path):
+    copy = tmp_path / "mirrored"
+    shutil.copytree(tiny_package.path, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    meta["inference"]["tta_mirror_pairs"] = [["Structure1", "LeftKidney"]]
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(UNetSegError, match="tta_mirror_pairs names"):
+        get_model(copy)
+
+
 def test_default_model_is_listed_first_when_shipped():
     ids = [m.id for m in list_models()]
     if "openkbp-hn-oar" not in ids:

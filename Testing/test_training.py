@@ -19,7 +19,8 @@ def trained(tmp_path_factory):
     cfg = TrainConfig(dataset=dataset, output=out, model_id="tiny-trained", iterations=40,
                       val_every=40, batch_size=2, learning_rate=3e-3, spacing=[8.0, 8.0, 5.0],
                       patch_size=[32, 32, 32], base_features=4, window=(250, 1500), num_threads=2,
-                      label_info={"Mandible": {"color": [241, 214, 145]}})
+                      label_info={"Mandible": {"color": [241, 214, 145]}},
+                      mirror_pairs=[["RightParotid", "LeftParotid"]])
     package = Trainer(cfg).run()
     return out, package
 
@@ -38,6 +39,9 @@ def test_loss_falls_and_a_valid_package_comes_out(trained):
     assert ckpt_history["patch_size"] == [32, 32, 32]
     assert (out / "training_curve.png").stat().st_size > 1000
     assert package.load_state_dict()  # checksum verified
+    # trained with the left-right mirror, so its test-time augmentation may mirror too
+    assert package.meta["inference"]["tta_flip_axes"] == ["x"]
+    assert package.meta["inference"]["tta_mirror_pairs"] == [["RightParotid", "LeftParotid"]]
 
 
 @pytest.mark.slow
@@ -116,3 +120,46 @@ def test_init_from_a_package_starts_from_its_weights_and_plan(trained, tmp_path)
     first = json.loads(torch.load(out / "checkpoint.pt", weights_only=True)["history_json"])["loss"]
     again = json.loads(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history_json"])["loss"]
     assert np.mean(again[:5]) < 0.9 * np.mean(first[:5])  # not a fresh network
+
+
+def test_mirror_augmentation_swaps_paired_labels_on_a_real_case():
+    """Mirrored left-right, the right parotid must still be labelled right and lie on the patient's
+    right (low x on the LPS model grid), with the left parotid's former voxels."""
+    from unetseg_engine.train.dataset import load_dataset, prepare_case
+    from unetseg_engine.train.trainer import mirror_transform
+
+    dataset = load_dataset(data_path("openkbp_hn_oar"))
+    case = next(c for c in dataset.cases if c.name == "pt_201")
+    image, label = prepare_case(case, {"spacing_mm": [4.688, 4.688, 2.5],
+                                       "normalization": {"method": "ct_window", "level": 250,
+                                                         "width": 1500},
+                                       "foreground_crop": {"enabled": True, "threshold": -500.0}})
+    right, left = dataset.labels["RightParotid"], dataset.labels["LeftParotid"]
+    mirror = mirror_transform({right: left, left: right}, prob=1.0)
+    out = mirror({"image": image, "label": label[None]})
+    mirrored = out["label"][0]
+
+    def centre_x(mask):
+        return np.nonzero(mask)[2].mean()
+
+    assert centre_x(label == right) < centre_x(label == left)
+    assert centre_x(mirrored == right) < centre_x(mirrored == left)
+    assert (mirrored == right).sum() == (label == left).sum()
+    assert np.array_equal(mirrored == right, (label == left)[..., ::-1])
+    brainstem = dataset.labels["Brainstem"]
+    assert np.array_equal(mirrored == brainstem, (label == brainstem)[..., ::-1])
+    assert np.array_equal(out["image"], image[..., ::-1])
+
+
+def test_mirror_pairs_must_name_two_dataset_labels(tmp_path):
+    from unetseg_engine.errors import UNetSegError
+
+    for pairs in ([["RightParotid", "LeftKidney"]], [["RightParotid"]]):
+        cfg = TrainConfig(dataset=data_path("openkbp_hn_oar"), output=tmp_path, model_id="x",
+                          mirror_pairs=pairs)
+        with pytest.raises(UNetSegError, match="Mirror pair"):
+            Trainer(cfg)
+    cfg = TrainConfig(dataset=data_path("openkbp_hn_oar"), output=tmp_path, model_id="x",
+                      mirror_pairs=[["RightParotid", "LeftParotid"]], flip_axes=["x"])
+    with pytest.raises(UNetSegError, match="either --flip-axes x or --mirror-pairs"):
+        Trainer(cfg)

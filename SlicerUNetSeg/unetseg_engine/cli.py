@@ -76,6 +76,8 @@ def cmd_train(args) -> int:
         settings["window"] = _window(settings["window"])
     if not settings.get("model_id"):
         raise UNetSegError("Give --model-id (or a --recipe that names one) for the trained model.")
+    if isinstance(settings.get("mirror_pairs"), str):  # "RightParotid:LeftParotid,A:B"
+        settings["mirror_pairs"] = [pair.split(":") for pair in settings["mirror_pairs"].split(",")]
     for key in ("spacing", "patch_size", "flip_axes"):
         if isinstance(settings.get(key), str):
             settings[key] = [type_(v) for v, type_ in
@@ -151,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--elastic", action="store_true", default=None, help="add elastic deformation")
     p.add_argument("--coarse-dropout", dest="coarse_dropout", action="store_true", default=None)
     p.add_argument("--flip-axes", dest="flip_axes", help="e.g. y,z (never x for left/right labels)")
+    p.add_argument("--mirror-pairs", dest="mirror_pairs",
+                   help="left/right label pairs to swap in a left-right mirror augmentation, e.g. "
+                        "RightParotid:LeftParotid (also used for --tta)")
     p.add_argument("--time-limit-min", dest="time_limit_min", type=float,
                    help="stop (validate, checkpoint, export) after this many minutes")
     p.add_argument("--num-threads", dest="num_threads", type=int)

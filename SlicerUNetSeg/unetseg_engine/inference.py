@@ -244,6 +244,7 @@ class Predictor:
 
         multilabel = self.model.multilabel  # type: ignore[union-attr]
         flips = self._tta_flips()
+        mirror = self._mirror_channels()
         n_windows = _count_windows(array.shape[1:], args["roi_size"], args["overlap"])
         calls_per_pass = math.ceil(n_windows / args["sw_batch_size"])
         total_calls = max(1, calls_per_pass * len(flips))
@@ -270,6 +271,8 @@ class Predictor:
                 logits = logits.float()
                 if axes:
                     logits = torch.flip(logits, axes)
+                if 4 in axes and mirror is not None:  # a right organ came out as its left twin
+                    logits = logits[:, mirror]
                 probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
                 summed = probs if summed is None else summed + probs
         result = (summed / len(flips))[0]
@@ -281,6 +284,25 @@ class Predictor:
         axis_of = {"z": 2, "y": 3, "x": 4}  # tensor dims of (B, C, z, y, x)
         allowed = self.model.meta["inference"].get("tta_flip_axes", [])  # type: ignore[union-attr]
         return [()] + [(axis_of[a],) for a in allowed]
+
+    def _mirror_channels(self) -> list[int] | None:
+        """Output channel order that swaps left/right label pairs, for left-right flipped inputs.
+
+        The model grid's x axis runs from the patient's right to left (LPS, identity direction), so
+        flipping x mirrors the patient and the network reports each paired organ as its twin.
+        ``tta_mirror_pairs`` in the model's metadata (written by ``train --mirror-pairs``) names them.
+        """
+        model = self.model
+        pairs = model.meta["inference"].get("tta_mirror_pairs")  # type: ignore[union-attr]
+        if not pairs:
+            return None
+        offset = 0 if model.multilabel else 1  # type: ignore[union-attr]
+        names = model.label_names  # type: ignore[union-attr]
+        order = list(range(len(names) + offset))
+        for a, b in pairs:
+            i, j = names.index(a) + offset, names.index(b) + offset
+            order[i], order[j] = j, i
+        return order
 
     # ---- back to the input grid ---------------------------------------------------------------
     def _region_box(self, probs: np.ndarray, prepared, channels) -> Box | None:

@@ -66,6 +66,10 @@ def validate_metadata(meta: Any, where: str = "metadata.json") -> None:
     names = [label["name"] for label in meta["labels"]]
     if len(set(values)) != len(values) or len(set(names)) != len(names):
         raise UNetSegError(f"Model metadata {where} has repeated label values or names.")
+    for pair in meta["inference"].get("tta_mirror_pairs", []):
+        if any(name not in names for name in pair):
+            raise UNetSegError(f"Model metadata {where}: tta_mirror_pairs names {pair}, but the "
+                               f"labels are {names}.")
     from .networks import validate_network  # imports no torch
 
     net = meta["network"]

@@ -53,6 +53,9 @@ class TrainConfig:
     elastic: bool = False
     coarse_dropout: bool = False
     flip_axes: list[str] = field(default_factory=list)
+    # left/right label pairs, e.g. [["RightParotid", "LeftParotid"]]: mirror left-right in training
+    # with the pair's labels swapped, and declare the same for test-time augmentation
+    mirror_pairs: list[list[str]] = field(default_factory=list)
     label_info: dict[str, Any] = field(default_factory=dict)
     time_limit_min: float | None = None
     num_threads: int | None = None
@@ -81,9 +84,41 @@ def build_loss(name: str, multilabel: bool):
     raise UNetSegError(f"Unknown loss '{name}'. Choose from {', '.join(LOSSES)}.")
 
 
-def build_augmentation(patch_zyx, n_classes: int, cfg: TrainConfig):
-    """MONAI dictionary transforms on (C, z, y, x) arrays; no left-right flip unless asked, because
-    paired organs (left/right parotid) have their own labels."""
+def mirror_transform(swap_values: dict[int, int], prob: float = 0.5):
+    """A random left-right mirror of (C, z, y, x) image and label arrays that also swaps the values
+    of paired labels (the right parotid of a mirrored neck is where a left one would be)."""
+    from monai.transforms import MapTransform, RandomizableTransform
+
+    lut = np.arange(max([*swap_values, *swap_values.values(), 0]) + 1)
+    for a, b in swap_values.items():
+        lut[a] = b
+
+    class RandMirrorSwapd(RandomizableTransform, MapTransform):
+        def __init__(self):
+            RandomizableTransform.__init__(self, prob)
+            MapTransform.__init__(self, ["image", "label"])
+
+        def __call__(self, data):
+            self.randomize(None)
+            if not self._do_transform:
+                return data
+            d = dict(data)
+            d["image"] = np.ascontiguousarray(np.asarray(d["image"])[..., ::-1])
+            label = np.asarray(d["label"])[..., ::-1]
+            inside = label < lut.size
+            swapped = label.copy()
+            swapped[inside] = lut[label[inside].astype(np.intp)]
+            d["label"] = swapped
+            return d
+
+    return RandMirrorSwapd()
+
+
+def build_augmentation(patch_zyx, n_classes: int, cfg: TrainConfig,
+                       swap_values: dict[int, int] | None = None):
+    """MONAI dictionary transforms on (C, z, y, x) arrays. No left-right flip unless asked, because
+    paired organs (left/right parotid) have their own labels; ``swap_values`` (from
+    ``cfg.mirror_pairs``) mirrors left-right and swaps those labels instead."""
     from monai import transforms as T
 
     keys = ["image", "label"]
@@ -109,6 +144,8 @@ def build_augmentation(patch_zyx, n_classes: int, cfg: TrainConfig):
                                                                           patch_zyx], prob=0.2))
     for axis in cfg.flip_axes:
         chain.append(T.RandFlipd(keys, prob=0.5, spatial_axis=axis_of[axis]))
+    if swap_values:
+        chain.append(mirror_transform(swap_values))
     return T.Compose(chain)
 
 
@@ -126,6 +163,16 @@ class Trainer:
         self.label_values = sorted(self.dataset.labels.values())
         self.label_names = {v: k for k, v in self.dataset.labels.items()}
         self.multilabel = cfg.loss == "bce_dice"
+        self.swap_values: dict[int, int] = {}
+        if cfg.mirror_pairs and "x" in cfg.flip_axes:
+            raise UNetSegError("Use either --flip-axes x or --mirror-pairs: both mirror left-right.")
+        for pair in cfg.mirror_pairs:
+            unknown = [n for n in pair if n not in self.dataset.labels]
+            if len(pair) != 2 or unknown:
+                raise UNetSegError(f"Mirror pair {pair}: give two label names of this dataset "
+                                   f"({', '.join(self.dataset.labels)}).")
+            a, b = (self.dataset.labels[n] for n in pair)
+            self.swap_values.update({a: b, b: a})
 
     # ---- planning and data ------------------------------------------------------------------
     def plan(self) -> dict[str, Any]:
@@ -252,7 +299,7 @@ class Trainer:
             self.log(f"Resumed from {ckpt_path} at iteration {start_it}")
 
         patch_zyx = list(reversed(self.plan_["patch_size"]))
-        augment = build_augmentation(patch_zyx, n_classes, cfg)
+        augment = build_augmentation(patch_zyx, n_classes, cfg, self.swap_values)
         augment.set_random_state(seed=cfg.seed + start_it)
         loss_fn = build_loss(cfg.loss, self.multilabel)
         rng = np.random.default_rng(cfg.seed + start_it)
@@ -375,7 +422,9 @@ class Trainer:
             "network": plan["network"],
             "preprocessing": plan["preprocessing"],
             "inference": {"patch_size": plan["patch_size"], "overlap": 0.5, "sw_batch_size": 2,
-                          "blend_mode": "gaussian"},
+                          "blend_mode": "gaussian",
+                          **({"tta_flip_axes": ["x"], "tta_mirror_pairs": cfg.mirror_pairs}
+                             if cfg.mirror_pairs else {})},
             "output": {"type": "multilabel" if self.multilabel else "multiclass"},
             "labels": labels,
             "training": {
@@ -387,7 +436,8 @@ class Trainer:
                 "device": str(self.device), "time_s": round(train_time, 1),
                 "patch_size": plan["patch_size"], "init_from": plan.get("init_from"),
                 "augmentation": {"affine": True, "elastic": cfg.elastic, "noise": True, "gamma": True,
-                                 "coarse_dropout": cfg.coarse_dropout, "flip_axes": cfg.flip_axes},
+                                 "coarse_dropout": cfg.coarse_dropout, "flip_axes": cfg.flip_axes,
+                                 "mirror_pairs": cfg.mirror_pairs},
                 "validation_dice_model_grid": val_metrics,
             },
         }

@@ -163,3 +163,63 @@ def test_mirror_pairs_must_name_two_dataset_labels(tmp_path):
                       mirror_pairs=[["RightParotid", "LeftParotid"]], flip_axes=["x"])
     with pytest.raises(UNetSegError, match="either --flip-axes x or --mirror-pairs"):
         Trainer(cfg)
+
+
+@pytest.mark.slow
+def test_weight_averaging_exports_the_average_of_the_snapshots(trained, tmp_path):
+    """--swa-start: the exported weights are the mean of the snapshots taken after the start, and
+    the learning rate is held from there on."""
+    import torch
+
+    _, package_dir = trained
+    cfg = TrainConfig(dataset=data_path("openkbp_hn_oar"), output=tmp_path, model_id="tiny-swa",
+                      iterations=12, val_every=12, batch_size=1, num_threads=2,
+                      init_from=str(package_dir), swa_start=0.5, swa_every=2)
+    trainer = Trainer(cfg)
+    snapshots = []
+    original_step = torch.optim.AdamW.step
+
+    def step_and_snapshot(optimizer, *args, **kwargs):
+        result = original_step(optimizer, *args, **kwargs)
+        snapshots.append([p.detach().clone() for group in optimizer.param_groups
+                          for p in group["params"]])
+        return result
+
+    torch.optim.AdamW.step = step_and_snapshot
+    try:
+        package = load_package(trainer.run())
+    finally:
+        torch.optim.AdamW.step = original_step
+    swa = package.meta["training"]["weight_averaging"]
+    # warm-up is 1 iteration, so progress after iteration i is (i - 1) / 11: >= 0.5 from i = 7;
+    # snapshots every 2 iterations from there: 8, 10, 12
+    assert swa == {"start": 0.5, "every": 2, "snapshots": 3}
+    expected = [torch.stack([snapshots[i - 1][k] for i in (8, 10, 12)]).mean(0)
+                for k in range(len(snapshots[0]))]
+    # the optimizer holds the network's parameters in named_parameters() order
+    names = [name for name, _ in core_named_parameters(package)]
+    assert len(names) == len(expected)
+    state = package.load_state_dict()
+    for name, mean in zip(names, expected):
+        torch.testing.assert_close(state[name], mean)
+    # ... which is the average, not the last snapshot
+    assert any(not torch.equal(mean, last) for mean, last in zip(expected, snapshots[-1]))
+    history = json.loads(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history_json"])
+    assert len(history["loss"]) == 12
+
+
+def core_named_parameters(package):
+    from unetseg_engine.networks import build_network
+
+    net = package.meta["network"]
+    core = build_network(net["architecture"], net["spatial_dims"], 1, len(package.label_names) + 1,
+                         net["params"])
+    return list(core.named_parameters())
+
+
+def test_weight_averaging_start_must_be_a_fraction(tmp_path):
+    from unetseg_engine.errors import UNetSegError
+
+    cfg = TrainConfig(dataset=data_path("openkbp_hn_oar"), output=tmp_path, model_id="x", swa_start=1.5)
+    with pytest.raises(UNetSegError, match="fraction of the run"):
+        Trainer(cfg)

@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "RightParotid:LeftParotid (also used for --tta)")
     p.add_argument("--time-limit-min", dest="time_limit_min", type=float,
                    help="stop (validate, checkpoint, export) after this many minutes")
+    p.add_argument("--swa-start", dest="swa_start", type=float,
+                   help="stochastic weight averaging: from this fraction of the run (e.g. 0.5), hold "
+                        "the learning rate and export the average of snapshots")
+    p.add_argument("--swa-every", dest="swa_every", type=int,
+                   help="iterations between averaged snapshots (default 25)")
     p.add_argument("--num-threads", dest="num_threads", type=int)
     p.add_argument("--resume", action="store_true", default=None, help="continue from checkpoint.pt")
     p.add_argument("--init-from", dest="init_from",

@@ -60,6 +60,11 @@ class TrainConfig:
     time_limit_min: float | None = None
     num_threads: int | None = None
     init_from: str | None = None  # a model package (id or folder) whose plan and weights to start from
+    # stochastic weight averaging: from this fraction of the run (iterations or time, whichever is
+    # further along) the learning rate stays where it is and the exported weights are the average of
+    # snapshots taken every ``swa_every`` iterations (torch.optim.swa_utils.AveragedModel)
+    swa_start: float | None = None
+    swa_every: int = 25
 
 
 def _resolve_device(name: str):
@@ -164,6 +169,11 @@ class Trainer:
         self.label_names = {v: k for k, v in self.dataset.labels.items()}
         self.multilabel = cfg.loss == "bce_dice"
         self.swap_values: dict[int, int] = {}
+        if cfg.swa_start is not None and not 0 <= cfg.swa_start < 1:
+            raise UNetSegError(f"--swa-start {cfg.swa_start}: give the fraction of the run after which "
+                               "weights are averaged, from 0 (the whole run) to below 1.")
+        if cfg.swa_every < 1:
+            raise UNetSegError(f"--swa-every {cfg.swa_every}: give a number of iterations, at least 1.")
         if cfg.mirror_pairs and "x" in cfg.flip_axes:
             raise UNetSegError("Use either --flip-axes x or --mirror-pairs: both mirror left-right.")
         for pair in cfg.mirror_pairs:
@@ -272,21 +282,30 @@ class Trainer:
         budget_s = cfg.time_limit_min * 60 if cfg.time_limit_min else None
         clock_start = time.time()
 
-        def lr_factor(it: int) -> float:
-            """Linear warm-up, then nnU-Net's polynomial decay (power 0.9). With a time limit, the
-            decay follows whichever budget (iterations or time) is used up faster, so a run cut by
-            the clock still ends with a small learning rate."""
-            if it < warmup:
-                return (it + 1) / warmup
+        def progress(it: int) -> float:
+            """Fraction of the run done after warm-up: of the iterations or, with a time limit, of
+            the time, whichever is further along."""
             done = (it - warmup) / max(1, cfg.iterations - warmup)
             if budget_s:
                 done = max(done, (time.time() - clock_start) / budget_s)
-            return max(0.0, 1 - min(done, 1.0)) ** 0.9
+            return min(max(done, 0.0), 1.0)
+
+        def lr_factor(it: int) -> float:
+            """Linear warm-up, then nnU-Net's polynomial decay (power 0.9), so a run cut by the clock
+            still ends with a small learning rate. With weight averaging the rate is held from
+            ``swa_start`` on: the snapshots must keep moving for their average to be worth having."""
+            if it < warmup:
+                return (it + 1) / warmup
+            done = progress(it)
+            if cfg.swa_start is not None:
+                done = min(done, cfg.swa_start)
+            return max(0.0, 1 - done) ** 0.9
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
         history: dict[str, list] = {"iteration": [], "loss": [], "val_iteration": [], "val_dice": []}
         start_it = 0
+        averaged = None  # the running weight average, once averaging has begun
         if init is not None:
             core.load_state_dict(init.load_state_dict())
             self.log(f"Starting from the weights of model '{init.id}' v{init.meta['version']}")
@@ -296,6 +315,9 @@ class Trainer:
             scheduler.load_state_dict(ckpt["scheduler"])
             history = json.loads(ckpt["history_json"])
             start_it = int(ckpt["iteration"])
+            if ckpt.get("averaged") is not None:
+                averaged = torch.optim.swa_utils.AveragedModel(core)
+                averaged.load_state_dict(ckpt["averaged"])
             self.log(f"Resumed from {ckpt_path} at iteration {start_it}")
 
         patch_zyx = list(reversed(self.plan_["patch_size"]))
@@ -320,13 +342,16 @@ class Trainer:
             return (labels == values).float()
 
         def validate(it: int) -> list[float]:
-            network.eval()
+            """Dice per label on the validation cases, of the weights that would be exported now."""
+            model = network if averaged is None else volume_network(averaged.module,
+                                                                     net_spec["spatial_dims"])
+            model.eval()
             scores = []
             with torch.inference_mode():
                 for case in val_data:
                     x = torch.as_tensor(case["image"])[None].to(self.device)
                     with torch.autocast(self.device.type, enabled=use_cuda):
-                        logits = sliding_window_inference(x, predictor=network, **inferer_args)
+                        logits = sliding_window_inference(x, predictor=model, **inferer_args)
                     if self.multilabel:
                         probs = torch.sigmoid(logits[0].float()).cpu().numpy() > 0.5
                         pred = np.zeros(probs.shape[1:], np.uint8)
@@ -341,13 +366,15 @@ class Trainer:
             history["val_dice"].append(per_label)
             names = " ".join(f"{self.label_names[v]}={d:.3f}" for v, d in zip(self.label_values,
                                                                              per_label))
-            self.log(f"  validation at {it}: mean Dice {np.mean(per_label):.3f} ({names})")
+            of = "" if averaged is None else f" of the average of {int(averaged.n_averaged)} snapshots"
+            self.log(f"  validation{of} at {it}: mean Dice {np.mean(per_label):.3f} ({names})")
             return per_label
 
         def save_checkpoint(it: int) -> None:
             state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "iteration": it,
-                     "plan_json": json.dumps(self.plan_), "history_json": json.dumps(history)}
+                     "plan_json": json.dumps(self.plan_), "history_json": json.dumps(history),
+                     "averaged": None if averaged is None else averaged.state_dict()}
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save(state, tmp)
             tmp.replace(ckpt_path)
@@ -369,8 +396,15 @@ class Trainer:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if cfg.swa_start is not None and (it + 1) % cfg.swa_every == 0 and \
+                    it + 1 > warmup and progress(it + 1) >= cfg.swa_start:
+                if averaged is None:
+                    averaged = torch.optim.swa_utils.AveragedModel(core)
+                    self.log(f"Weight averaging starts at iteration {it + 1}, learning rate held at "
+                             f"{scheduler.get_last_lr()[0]:.2e}")
+                averaged.update_parameters(core)
             history["iteration"].append(it + 1)
-            history["loss"].append(float(loss))
+            history["loss"].append(loss.item())
             if (it + 1) % 25 == 0:
                 rate = 25 / (time.time() - tick)
                 tick = time.time()
@@ -391,10 +425,16 @@ class Trainer:
                 break
         plot_curves(history, cfg.output / "training_curve.png", self.label_names, self.label_values)
         train_time = time.time() - t0
-        return self.export(core, history, train_time, it + 1)
+        swa = None
+        if averaged is not None:
+            swa = {"start": cfg.swa_start, "every": cfg.swa_every,
+                   "snapshots": int(averaged.n_averaged)}
+            core = averaged.module
+        return self.export(core, history, train_time, it + 1, swa)
 
     # ---- the model package ----------------------------------------------------------------------
-    def export(self, core, history: dict[str, list], train_time: float, iterations_done: int) -> Path:
+    def export(self, core, history: dict[str, list], train_time: float, iterations_done: int,
+               swa: dict[str, Any] | None = None) -> Path:
         cfg = self.cfg
         package = cfg.output / "model"
         labels = []
@@ -435,6 +475,7 @@ class Trainer:
                 "learning_rate": cfg.learning_rate, "seed": cfg.seed,
                 "device": str(self.device), "time_s": round(train_time, 1),
                 "patch_size": plan["patch_size"], "init_from": plan.get("init_from"),
+                "weight_averaging": swa,
                 "augmentation": {"affine": True, "elastic": cfg.elastic, "noise": True, "gamma": True,
                                  "coarse_dropout": cfg.coarse_dropout, "flip_axes": cfg.flip_axes,
                                  "mirror_pairs": cfg.mirror_pairs},

@@ -168,12 +168,12 @@ class Trainer:
         self.label_values = sorted(self.dataset.labels.values())
         self.label_names = {v: k for k, v in self.dataset.labels.items()}
         self.multilabel = cfg.loss == "bce_dice"
-        self.swap_values: dict[int, int] = {}
         if cfg.swa_start is not None and not 0 <= cfg.swa_start < 1:
             raise UNetSegError(f"--swa-start {cfg.swa_start}: give the fraction of the run after which "
                                "weights are averaged, from 0 (the whole run) to below 1.")
         if cfg.swa_every < 1:
             raise UNetSegError(f"--swa-every {cfg.swa_every}: give a number of iterations, at least 1.")
+        self.swap_values: dict[int, int] = {}
         if cfg.mirror_pairs and "x" in cfg.flip_axes:
             raise UNetSegError("Use either --flip-axes x or --mirror-pairs: both mirror left-right.")
         for pair in cfg.mirror_pairs:

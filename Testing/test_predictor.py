@@ -44,9 +44,9 @@ def test_cancel_between_windows_raises_and_returns_nothing(ct, tiny_package):
 def test_loading_the_same_model_again_is_a_no_op(tiny_package):
     predictor = Predictor(device="cpu")
     predictor.load(tiny_package)
-    network = predictor.network
+    networks = predictor.networks
     predictor.load(tiny_package)
-    assert predictor.network is network
+    assert predictor.networks is networks
 
 
 def test_2d_model_runs_slice_by_slice_onto_the_input_grid(ct, tmp_path):

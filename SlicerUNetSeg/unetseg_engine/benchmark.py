@@ -317,7 +317,7 @@ def run_benchmark(model: str | None, case: str = "pt_201", sizes=("native", "cli
     model_path = str(package.path)
     report: dict[str, Any] = {"machine": machine_info(),
                               "model": {"id": package.id, "path": model_path,
-                                        "sha256": package.meta["weights"]["sha256"]},
+                                        "sha256": package.weights_key},
                               "cases": []}
     with tempfile.TemporaryDirectory(prefix="unetseg-bench-") as tmp:
         folder = Path(keep) if keep else Path(tmp)

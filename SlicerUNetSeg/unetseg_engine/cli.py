@@ -1,4 +1,4 @@
-"""The ``unetseg`` command line: models, segment, import-model, train, evaluate, benchmark.
+"""The ``unetseg`` command line: models, segment, import-model, ensemble, train, evaluate, benchmark.
 
 Errors the user can fix print one line (``unetseg: error: ...``) and exit with status 2; nothing is
 written in that case.
@@ -66,6 +66,19 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def cmd_ensemble(args) -> int:
+    from .modelpkg import get_model, write_ensemble
+
+    members = [get_model(m) for m in args.models]
+    package = write_ensemble(args.output, members, args.model_id, version=args.version,
+                             title=args.title, half=args.half)
+    size_mb = package.weights_bytes / 1e6
+    print(f"Ensemble '{package.id}' of {len(package.weight_files)} networks written to {package.path} "
+          f"({size_mb:.1f} MB of weights). Measure it with: unetseg evaluate --model {package.path} "
+          "--dataset DATASET --write-performance")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .train.trainer import TrainConfig, Trainer
 
@@ -127,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("package")
     p.add_argument("--overwrite", action="store_true", help="replace an installed model of the same id")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("ensemble", help="combine models trained with the same plan into one package "
+                                         "that averages their probabilities")
+    p.add_argument("models", nargs="+", help="two or more model ids or package folders")
+    p.add_argument("-o", "--output", required=True, help="new package folder")
+    p.add_argument("--model-id", dest="model_id", required=True, help="id of the ensemble")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--title")
+    p.add_argument("--half", action="store_true",
+                   help="store the weights as float16 (half the size; inference stays float32)")
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("train", help="train a model on an nnU-Net v2 dataset folder")
     p.add_argument("dataset", help="folder with dataset.json, imagesTr/, labelsTr/ (splits.json optional)")

@@ -2,6 +2,8 @@
 
 ``Predictor`` follows nnU-Net's three phases: construct it with runtime knobs (device, overlap, ...),
 ``load`` a model package once (it stays warm for later calls), then ``predict`` any number of scans.
+An ensemble package loads one network per member; its class probabilities are the mean over members
+(and over flips with ``tta``).
 
 Geometry: the scan is resampled once onto the model grid (``preprocess.prepare``); class probabilities
 come back onto the input grid by linear interpolation, only inside the box where some organ has a
@@ -133,33 +135,36 @@ class Predictor:
         self.tta = tta
         self.postprocess = postprocess
         self.model: ModelPackage | None = None
-        self.network = None
+        self.networks: list = []  # one per weights file (several for an ensemble)
 
     # ---- phase 2: load ------------------------------------------------------------------------
     def load(self, model: ModelPackage | str | None = None) -> ModelPackage:
-        """Build the network and load checked weights; a no-op if this model is already loaded."""
+        """Build the network(s) and load checked weights; a no-op if this model is already loaded."""
         import torch
 
         from .networks import build_network, channels_last_instance_norm, volume_network
 
         package = model if isinstance(model, ModelPackage) else get_model(model)
         if self.model is not None and self.model.path == package.path and \
-                self.model.meta["weights"]["sha256"] == package.meta["weights"]["sha256"]:
+                self.model.weights_key == package.weights_key:
             return self.model
         net = package.meta["network"]
-        core = build_network(net["architecture"], net["spatial_dims"], len(package.meta["inputs"]),
-                             package.out_channels, net["params"])
-        try:
-            core.load_state_dict(package.load_state_dict())
-        except RuntimeError as error:
-            raise UNetSegError(f"The weights of model '{package.id}' do not fit its network "
-                               f"description ({str(error).splitlines()[0]}).") from None
-        network = volume_network(core, net["spatial_dims"]).eval()
-        self.network = network.to(self.device)
-        if net["spatial_dims"] == 3:  # oneDNN (CPU) and cuDNN convolutions run faster channels-last
-            self.network = self.network.to(memory_format=torch.channels_last_3d)
-            if self.device == "cpu":
-                channels_last_instance_norm(self.network)
+        networks = []
+        for state in package.load_state_dicts():
+            core = build_network(net["architecture"], net["spatial_dims"],
+                                 len(package.meta["inputs"]), package.out_channels, net["params"])
+            try:
+                core.load_state_dict(state)  # float16-stored weights become float32 here
+            except RuntimeError as error:
+                raise UNetSegError(f"The weights of model '{package.id}' do not fit its network "
+                                   f"description ({str(error).splitlines()[0]}).") from None
+            network = volume_network(core, net["spatial_dims"]).eval().to(self.device)
+            if net["spatial_dims"] == 3:  # oneDNN (CPU) and cuDNN convolutions run faster channels-last
+                network = network.to(memory_format=torch.channels_last_3d)
+                if self.device == "cpu":
+                    channels_last_instance_norm(network)
+            networks.append(network)
+        self.networks = networks
         self.model = package
         return package
 
@@ -229,7 +234,7 @@ class Predictor:
                     messages.append(note)
                     report(note, 0.0)
                     if sw_device == "cpu":
-                        self.network = self.network.to("cpu")
+                        self.networks = [network.to("cpu") for network in self.networks]
                 return self._run_windows(array, dict(args, sw_batch_size=batch), sw_device,
                                          out_device, report, is_cancelled)
             except torch.cuda.OutOfMemoryError as error:
@@ -247,9 +252,9 @@ class Predictor:
         mirror = self._mirror_channels()
         n_windows = _count_windows(array.shape[1:], args["roi_size"], args["overlap"])
         calls_per_pass = math.ceil(n_windows / args["sw_batch_size"])
-        total_calls = max(1, calls_per_pass * len(flips))
+        total_calls = max(1, calls_per_pass * len(flips) * len(self.networks))
         done = [0]
-        network = self.network
+        network = self.networks[0]
 
         def predictor(x):
             if is_cancelled():
@@ -263,8 +268,9 @@ class Predictor:
         if sw_device == "cuda" and x.dim() == 5:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         summed = None
+        passes = [(member, axes) for member in self.networks for axes in flips]
         with torch.inference_mode(), torch.autocast("cuda", enabled=sw_device == "cuda"):
-            for axes in flips:
+            for network, axes in passes:  # ``predictor`` calls the current ``network``
                 xin = torch.flip(x, axes) if axes else x
                 logits = sliding_window_inference(xin, predictor=predictor, sw_device=sw_device,
                                                   device=out_device, **args)
@@ -275,7 +281,7 @@ class Predictor:
                     logits = logits[:, mirror]
                 probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
                 summed = probs if summed is None else summed + probs
-        result = (summed / len(flips))[0]
+        result = (summed / len(passes))[0]
         return result.cpu().numpy().astype(np.float32, copy=False)
 
     def _tta_flips(self) -> list[tuple[int, ...]]:

@@ -112,8 +112,19 @@ class ModelPackage:
         return len(self.labels) + (0 if self.multilabel else 1)
 
     @property
-    def weights_path(self) -> Path:
-        return self.path / self.meta["weights"]["file"]
+    def weight_files(self) -> list[dict[str, str]]:
+        """``{"file", "sha256"}`` of each weights file: one, or one per ensemble member."""
+        weights = self.meta["weights"]
+        return weights if isinstance(weights, list) else [weights]
+
+    @property
+    def weights_key(self) -> str:
+        """Identifies the weights (all members' SHA-256): equal keys mean the same network."""
+        return "+".join(w["sha256"] for w in self.weight_files)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum((self.path / w["file"]).stat().st_size for w in self.weight_files)
 
     def summary(self) -> dict[str, Any]:
         """What ``unetseg models --json`` and the Slicer model selector show."""
@@ -126,13 +137,23 @@ class ModelPackage:
             "expected_runtime": m.get("expected_runtime"), "path": str(self.path),
         }
 
+    def load_state_dicts(self) -> list[dict[str, Any]]:
+        """Each member's weights (one for a plain model), loaded only after their SHA-256 checks."""
+        return [self._load_weights(w) for w in self.weight_files]
+
     def load_state_dict(self) -> dict[str, Any]:
-        """Check the weights' SHA-256, then load them without executing code."""
-        path = self.weights_path
+        """The weights of a single-network model (``--init-from`` takes no ensemble)."""
+        if len(self.weight_files) != 1:
+            raise UNetSegError(f"Model '{self.id}' is an ensemble of {len(self.weight_files)} "
+                               "networks; use one of its members' packages here.")
+        return self._load_weights(self.weight_files[0])
+
+    def _load_weights(self, weights: dict[str, str]) -> dict[str, Any]:
+        path = self.path / weights["file"]
         if not path.is_file():
             raise UNetSegError(f"Weights file '{path}' of model '{self.id}' is missing; reinstall the "
                                "model package.")
-        expected = self.meta["weights"]["sha256"]
+        expected = weights["sha256"]
         actual = sha256_of(path)
         if actual != expected:
             raise UNetSegError(f"Weights file '{path.name}' of model '{self.id}' does not match its "
@@ -217,10 +238,11 @@ def import_model(source: str | os.PathLike, destination: Path | None = None,
         else:
             raise UNetSegError(f"'{source}' is neither a model package folder nor a .zip of one.")
         package = load_package(root)
-        weights = package.weights_path
-        if not weights.is_file() or sha256_of(weights) != package.meta["weights"]["sha256"]:
-            raise UNetSegError(f"The weights of '{package.id}' are missing or do not match the checksum "
-                               "in its metadata; the package is damaged.")
+        for weights in package.weight_files:
+            path = package.path / weights["file"]
+            if not path.is_file() or sha256_of(path) != weights["sha256"]:
+                raise UNetSegError(f"The weights of '{package.id}' ({weights['file']}) are missing or "
+                                   "do not match the checksum in its metadata; the package is damaged.")
         target = destination / package.id
         if target.exists() and not overwrite:
             raise UNetSegError(f"A model '{package.id}' is already installed at '{target}'. Use "
@@ -228,7 +250,7 @@ def import_model(source: str | os.PathLike, destination: Path | None = None,
         destination.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{package.id}.", dir=destination))
         try:
-            for name in (METADATA_FILE, package.meta["weights"]["file"]):
+            for name in [METADATA_FILE] + [w["file"] for w in package.weight_files]:
                 shutil.copy2(root / name, staging / name)
             if target.exists():
                 shutil.rmtree(target)
@@ -252,3 +274,61 @@ def write_package(folder: str | os.PathLike, meta: dict[str, Any], state_dict: d
     validate_metadata(meta, f"metadata for {folder}")
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return load_package(folder)
+
+
+# What every member of an ensemble must share, so that their probabilities can be averaged.
+ENSEMBLE_SHARED = ("modality", "inputs", "network", "preprocessing", "output", "labels")
+
+
+def write_ensemble(folder: str | os.PathLike, members: list[ModelPackage], model_id: str,
+                   version: str = "1.0.0", title: str | None = None, half: bool = False) -> ModelPackage:
+    """A package whose class probabilities are the mean of ``members``' (nnU-Net-style ensembling).
+
+    Every member must have the same network description, preprocessing, inputs, labels and output
+    type; inference settings, postprocessing and colours come from the first. ``half`` stores the
+    weights as float16 (half the size; the networks still run in float32). The folder must not
+    exist: it is written under a temporary name and renamed when complete. Its measured performance
+    is left out until ``unetseg evaluate --write-performance`` measures the ensemble itself.
+    """
+    import torch
+
+    folder = Path(folder)
+    if len(members) < 2:
+        raise UNetSegError("An ensemble needs at least two models.")
+    if folder.exists():
+        raise UNetSegError(f"'{folder}' already exists; choose a new folder for the ensemble.")
+    first = members[0]
+    for other in members[1:]:
+        for key in ENSEMBLE_SHARED:
+            if other.meta[key] != first.meta[key]:
+                raise UNetSegError(f"Models '{first.id}' and '{other.id}' differ in '{key}'; only "
+                                   "models trained with the same plan and labels can be ensembled.")
+    meta = {k: v for k, v in first.meta.items() if k not in ("weights", "performance", "training",
+                                                            "expected_runtime")}
+    meta.update(id=model_id, version=version, title=title or f"{first.meta['title']} (ensemble)")
+    meta["description"] = (f"{first.meta['description']} Ensemble of {len(members)} networks whose "
+                           "class probabilities are averaged.")
+    meta["training"] = {"ensemble_of": [
+        {"id": m.id, "version": m.meta["version"], "sha256": m.weights_key,
+         "validation_dice_model_grid": m.meta.get("training", {}).get("validation_dice_model_grid"),
+         "performance": m.meta.get("performance", {}).get("summary")} for m in members],
+        "weights_dtype": "float16" if half else "float32"}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        files = []
+        for index, state in enumerate(s for m in members for s in m.load_state_dicts()):
+            path = staging / f"member{index + 1}.pt"
+            torch.save({k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
+                        .contiguous() for k, v in state.items()}, path)
+            files.append({"file": path.name, "sha256": sha256_of(path)})
+        meta["weights"] = files
+        validate_metadata(meta, f"metadata for {folder}")
+        staging.chmod(0o755)  # mkdtemp makes it private
+        (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return load_package(folder)
+

@@ -84,16 +84,23 @@ class ReferencePipeline:
         from .networks import build_network, volume_network
 
         net = self.package.meta["network"]
-        core = build_network(net["architecture"], net["spatial_dims"], 1, self.package.out_channels,
-                             net["params"])
-        state = torch.load(self.package.weights_path, map_location="cpu", weights_only=True)
-        core.load_state_dict(state)
         if net["spatial_dims"] != 3:  # MONAI's windows are (x, y, z); a 2D model runs on (x, y, 1)
             raise ValueError("the MONAI reference pipeline takes 3D models")
-        network = volume_network(core, 3).eval().to(self.device)
+        members = []
+        for weights in self.package.weight_files:
+            core = build_network(net["architecture"], net["spatial_dims"], 1,
+                                 self.package.out_channels, net["params"])
+            core.load_state_dict(torch.load(self.package.path / weights["file"], map_location="cpu",
+                                            weights_only=True))
+            members.append(volume_network(core, 3).eval().to(self.device))
 
         def zyx_network(x):  # MONAI's (B, C, x, y, z) windows -> the network's (B, C, z, y, x)
-            return network(x.permute(0, 1, 4, 3, 2)).permute(0, 1, 4, 3, 2)
+            x = x.permute(0, 1, 4, 3, 2)
+            if len(members) == 1:
+                out = members[0](x)
+            else:  # an ensemble: the mean of the members' class probabilities
+                out = sum(torch.softmax(member(x), dim=1) for member in members) / len(members)
+            return out.permute(0, 1, 4, 3, 2)
 
         self.network = zyx_network
 

@@ -167,7 +167,7 @@ class Worker:
         package = get_model(request.get("model"))
         predictor = self._predictor(request)
         warm = predictor.model is not None and predictor.model.path == package.path and \
-            predictor.model.meta["weights"]["sha256"] == package.meta["weights"]["sha256"]
+            predictor.model.weights_key == package.weights_key
         progress("loading model" if not warm else "model already loaded", 0.0)
         predictor.load(package)
         timings["load_model_s"] = time.perf_counter() - t

@@ -213,7 +213,7 @@ class Trainer:
                 "patch_size": [int(p) for p in patch], "modality": meta["modality"],
                 "fingerprint": meta.get("training", {}).get("fingerprint"),
                 "init_from": {"id": package.id, "version": meta["version"],
-                              "sha256": meta["weights"]["sha256"]}}
+                              "sha256": package.weights_key}}
 
     def load_cases(self, cases: list[Case]) -> list[dict[str, np.ndarray]]:
         out = []
@@ -483,7 +483,7 @@ class Trainer:
             },
         }
         written = write_package(package, meta, core.state_dict())
-        size_mb = written.weights_path.stat().st_size / 1e6
+        size_mb = written.weights_bytes / 1e6
         self.log(f"Model package written to {package} ({size_mb:.1f} MB), "
                  f"trained {iterations_done} iterations in {train_time / 60:.1f} min")
         return package

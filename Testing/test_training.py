@@ -223,3 +223,23 @@ def test_weight_averaging_start_must_be_a_fraction(tmp_path):
     cfg = TrainConfig(dataset=data_path("openkbp_hn_oar"), output=tmp_path, model_id="x", swa_start=1.5)
     with pytest.raises(UNetSegError, match="fraction of the run"):
         Trainer(cfg)
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_time_already_spent_against_the_time_limit(tmp_path):
+    """A run cut by --time-limit-min and then resumed must not get a fresh time budget."""
+    import torch
+
+    cfg = dict(dataset=data_path("openkbp_hn_oar"), output=tmp_path, model_id="tiny-timed",
+               iterations=10_000, val_every=10_000, batch_size=1, spacing=[8.0, 8.0, 5.0],
+               patch_size=[32, 32, 32], base_features=4, window=(250, 1500), num_threads=2,
+               time_limit_min=0.1)
+    package = load_package(Trainer(TrainConfig(**cfg)).run())
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    cut_at = len(json.loads(ckpt["history_json"])["iteration"])
+    assert 5 < cut_at < 10_000 and ckpt["elapsed_s"] >= 6.0  # stopped by the clock, not the count
+    assert package.meta["training"]["time_s"] >= 6.0
+
+    Trainer(TrainConfig(**cfg, resume=True)).run()
+    history = json.loads(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history_json"])
+    assert len(history["iteration"]) == cut_at + 1  # the budget was spent: one step, then stop

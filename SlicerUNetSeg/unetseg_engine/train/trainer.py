@@ -280,7 +280,9 @@ class Trainer:
         warmup = max(1, min(100, cfg.iterations // 20))
 
         budget_s = cfg.time_limit_min * 60 if cfg.time_limit_min else None
-        clock_start = time.time()
+        # Training time counts across resumed runs: the time limit and the decay that follows it
+        # go on from where the checkpoint left them, rather than starting afresh.
+        clock_start = time.time() - (float(ckpt.get("elapsed_s", 0.0)) if resume else 0.0)
 
         def progress(it: int) -> float:
             """Fraction of the run done after warm-up: of the iterations or, with a time limit, of
@@ -318,7 +320,8 @@ class Trainer:
             if ckpt.get("averaged") is not None:
                 averaged = torch.optim.swa_utils.AveragedModel(core)
                 averaged.load_state_dict(ckpt["averaged"])
-            self.log(f"Resumed from {ckpt_path} at iteration {start_it}")
+            self.log(f"Resumed from {ckpt_path} at iteration {start_it}, after "
+                     f"{(time.time() - clock_start) / 60:.1f} min of training")
 
         patch_zyx = list(reversed(self.plan_["patch_size"]))
         augment = build_augmentation(patch_zyx, n_classes, cfg, self.swap_values)
@@ -374,13 +377,14 @@ class Trainer:
             state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "iteration": it,
                      "plan_json": json.dumps(self.plan_), "history_json": json.dumps(history),
-                     "averaged": None if averaged is None else averaged.state_dict()}
+                     "averaged": None if averaged is None else averaged.state_dict(),
+                     "elapsed_s": time.time() - clock_start}
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save(state, tmp)
             tmp.replace(ckpt_path)
 
         network.train()
-        deadline = time.time() + budget_s if budget_s else math.inf
+        deadline = clock_start + budget_s if budget_s else math.inf
         tick, it = time.time(), start_it
         for it in range(start_it, cfg.iterations):
             images, labels = batch()
@@ -424,7 +428,7 @@ class Trainer:
                     save_checkpoint(it + 1)
                 break
         plot_curves(history, cfg.output / "training_curve.png", self.label_names, self.label_values)
-        train_time = time.time() - t0
+        train_time = time.time() - clock_start
         swa = None
         if averaged is not None:
             swa = {"start": cfg.swa_start, "every": cfg.swa_every,

@@ -93,6 +93,9 @@ def test_cli_refuses_an_existing_folder_and_import_copies_every_member(members, 
     assert main(["ensemble", str(members[0].path), str(members[1].path), "-o", str(out),
                  "--model-id", "tiny-ensemble", "--half"]) == 0
     assert "2 networks" in capsys.readouterr().out
+    monkeypatch.setenv("UNETSEG_MODELS_PATH", str(tmp_path))
+    assert main(["models"]) == 0
+    assert "ensemble of 2 networks" in capsys.readouterr().out
     before = (out / "metadata.json").read_text()
     assert main(["ensemble", str(members[0].path), str(members[1].path), "-o", str(out),
                  "--model-id", "again"]) == 2

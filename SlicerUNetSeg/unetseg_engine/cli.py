@@ -43,6 +43,8 @@ def cmd_models(args) -> int:
             if s["default_window"] else ""
         print(f"{s['id']}  v{s['version']}  [{s['modality']}, inputs: {', '.join(s['inputs'])}{window}]")
         print(f"    {s['title']}  (licence: {s['licence']})")
+        if s["networks"] > 1:
+            print(f"    ensemble of {s['networks']} networks (probabilities averaged; slower)")
         print(f"    labels: {', '.join(s['labels'])}")
         if s["performance"]:
             print(f"    measured: {s['performance']}")

@@ -135,6 +135,7 @@ class ModelPackage:
             "inputs": [i["name"] for i in m["inputs"]], "labels": self.label_names,
             "default_window": _window_of(m), "performance": m.get("performance", {}).get("summary"),
             "expected_runtime": m.get("expected_runtime"), "path": str(self.path),
+            "networks": len(self.weight_files),
         }
 
     def load_state_dicts(self) -> list[dict[str, Any]]:

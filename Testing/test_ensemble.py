@@ -119,3 +119,15 @@ def test_a_damaged_member_is_refused_by_checksum(members, tmp_path):
         Predictor(device="cpu").load(load_package(ensemble.path))
     meta = json.loads((ensemble.path / "metadata.json").read_text())
     assert len(meta["weights"]) == 2
+
+
+def test_ensemble_of_folds_keeps_only_cases_no_member_has_seen_for_validation(tmp_path):
+    folds = [(["a", "b", "c"], ["d", "e"]), (["a", "b", "d"], ["c", "e"])]
+    members = []
+    for index, (train, val) in enumerate(folds):
+        meta = tiny_meta(f"fold-{index}")
+        meta["training"] = {"train_cases": train, "validation_cases": val, "fold": index}
+        members.append(make_package(tmp_path / f"fold{index}", meta, seed=index))
+    training = write_ensemble(tmp_path / "ens", members, "folds").meta["training"]
+    assert training["train_cases"] == ["a", "b", "c", "d"]
+    assert training["validation_cases"] == ["e"]  # what `evaluate --cases validation` will judge

@@ -170,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", dest="val_every", type=int)
     p.add_argument("--val-fraction", dest="val_fraction", type=float,
                    help="validation fraction when the dataset has no splits.json")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--fold", type=int, help="cross-validation fold to hold out: one of splits.json's "
+                   "list of folds (nnU-Net's splits_final.json), or of --n-folds seeded folds")
+    p.add_argument("--n-folds", dest="n_folds", type=int, help="folds when there is no splits file "
+                   "(default 5)")
+    p.add_argument("--seed", type=int, help="initialisation and sampling (the split never follows it)")
     p.add_argument("--spacing", help="x,y,z in mm (default: planned from the data)")
     p.add_argument("--patch-size", dest="patch_size", help="x,y,z in voxels (default: planned)")
     p.add_argument("--window", help="CT window LEVEL,WIDTH (default: from label intensities)")

@@ -140,14 +140,12 @@ def evaluate_model(model: str | None, dataset_dir: str, cases_sel: str, out: Pat
 
     package = get_model(model)
     dataset = load_dataset(dataset_dir)
-    train, val = dataset.split()
-    chosen = {"validation": val, "train": train, "all": dataset.cases}.get(cases_sel)
-    if chosen is None:
-        names = set(cases_sel.split(","))
-        chosen = [c for c in dataset.cases if c.name in names]
-        missing = names - {c.name for c in chosen}
-        if missing:
-            raise UNetSegError(f"Unknown case(s) {sorted(missing)} in {dataset_dir}.")
+    chosen = _select_cases(dataset, package.meta.get("training", {}), cases_sel)
+    seen = sorted({c.name for c in chosen} & set(package.meta.get("training", {}).get("train_cases", [])))
+    if seen and cases_sel != "train":
+        print(f"Warning: {len(seen)} of these {len(chosen)} cases were used to train the model "
+              f"({', '.join(seen[:5])}{', ...' if len(seen) > 5 else ''}); their figures are "
+              "optimistic.", flush=True)
     labels = {label["value"]: label["name"] for label in package.labels}
     predictor = Predictor(device=device, tta=tta)
     predictor.load(package)
@@ -172,9 +170,30 @@ def evaluate_model(model: str | None, dataset_dir: str, cases_sel: str, out: Pat
         overlay_png(out / f"worst_{results[i]['case']}.png", *kept[i], colours,
                     f"{results[i]['case']}: mean Dice {results[i]['mean_dice']:.3f}", window)
     extra = {"model": package.id, "model_version": package.meta["version"], "dataset": str(dataset_dir),
-             "device": predictor.device, "tta": tta}
+             "device": predictor.device, "tta": tta, "cases_seen_in_training": seen}
     write_reports(out, _json_safe(results), _json_safe(summary), extra)
     return {"summary": summary, "cases": results, "package": package}
+
+
+def _select_cases(dataset, training: dict[str, Any], cases_sel: str) -> list:
+    """The cases named by ``--cases``. 'validation' means the cases the model was validated on when
+    its metadata lists them and the dataset has them all (so a model trained on another fold or
+    split is judged on what it has not seen), else the dataset's own validation split."""
+    by_name = {c.name: c for c in dataset.cases}
+    if cases_sel == "validation":
+        recorded = training.get("validation_cases") or []
+        if recorded and all(name in by_name for name in recorded):
+            return [by_name[name] for name in recorded]
+    train, val = dataset.split()
+    chosen = {"validation": val, "train": train, "all": dataset.cases}.get(cases_sel)
+    if chosen is None:
+        names = [name for name in cases_sel.split(",") if name]
+        missing = sorted(set(names) - set(by_name))
+        if missing or not names:
+            raise UNetSegError(f"Unknown case(s) {missing} in {dataset.root}; --cases takes "
+                               "'validation', 'train', 'all' or case names separated by commas.")
+        chosen = [by_name[name] for name in names]
+    return chosen
 
 
 def evaluate_folders(pred_dir: str, ref_dir: str, out: Path, model: str | None) -> dict[str, Any]:

@@ -309,7 +309,11 @@ def write_ensemble(folder: str | os.PathLike, members: list[ModelPackage], model
     meta.update(id=model_id, version=version, title=title or f"{first.meta['title']} (ensemble)")
     meta["description"] = (f"{first.meta['description']} Ensemble of {len(members)} networks whose "
                            "class probabilities are averaged.")
-    meta["training"] = {"ensemble_of": [
+    trainings = [m.meta.get("training", {}) for m in members]
+    seen = sorted({name for t in trainings for name in t.get("train_cases", [])})
+    unseen = [name for name in trainings[0].get("validation_cases", [])
+              if name not in seen and all(name in t.get("validation_cases", []) for t in trainings)]
+    meta["training"] = {"train_cases": seen, "validation_cases": unseen, "ensemble_of": [
         {"id": m.id, "version": m.meta["version"], "sha256": m.weights_key,
          "validation_dice_model_grid": m.meta.get("training", {}).get("validation_dice_model_grid"),
          "performance": m.meta.get("performance", {}).get("summary")} for m in members],

@@ -1,4 +1,5 @@
-"""nnU-Net v2 dataset folders: ``dataset.json``, ``imagesTr/``, ``labelsTr/`` and optional ``splits.json``."""
+"""nnU-Net v2 dataset folders: ``dataset.json``, ``imagesTr/``, ``labelsTr/`` and optional ``splits.json``
+(or nnU-Net's ``splits_final.json``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import SimpleITK as sitk
 from ..errors import UNetSegError
 from ..imageio import read_image
 from ..preprocess import foreground_box, prepare, resample_to
+
+SPLIT_SEED = 0  # shuffles the cases for a split made without a splits file
 
 
 @dataclass
@@ -39,14 +42,30 @@ class Dataset:
         """Foreground labels, name -> value (background excluded)."""
         return {k: int(v) for k, v in self.meta["labels"].items() if int(v) != 0}
 
-    def split(self, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Case], list[Case]]:
-        """Training and validation cases from ``splits.json`` if present, else a seeded random split."""
+    def split(self, val_fraction: float = 0.2, seed: int = SPLIT_SEED,
+              fold: int | None = None, n_folds: int = 5) -> tuple[list[Case], list[Case]]:
+        """Training and validation cases.
+
+        From ``splits.json`` (or nnU-Net's ``splits_final.json``) when the dataset has one: either
+        ``{"train": [...], "validation": [...]}`` or nnU-Net's list of folds ``[{"train", "val"}, ...]``,
+        of which ``fold`` picks one (default 0). Without a file: a seeded random split holding out
+        ``val_fraction`` of the cases or, with ``fold``, fold ``fold`` of a seeded ``n_folds``-fold
+        cross-validation (every case is validated in exactly one fold).
+        """
         by_name = {c.name: c for c in self.cases}
-        split_file = self.root / "splits.json"
-        if split_file.is_file():
+        split_file = next((self.root / name for name in ("splits.json", "splits_final.json")
+                           if (self.root / name).is_file()), None)
+        if split_file is not None:
             splits = json.loads(split_file.read_text())
             if isinstance(splits, list):  # nnU-Net's splits_final.json: a list of folds
-                splits = splits[0]
+                index = fold or 0
+                if not 0 <= index < len(splits):
+                    raise UNetSegError(f"{split_file.name} has {len(splits)} folds (0 to "
+                                       f"{len(splits) - 1}); there is no fold {index}.")
+                splits = splits[index]
+            elif fold is not None:
+                raise UNetSegError(f"{split_file.name} holds a single train/validation split, not a list "
+                                   "of folds: leave out --fold, or write the folds as nnU-Net does.")
             val_key = "val" if "val" in splits else "validation"
             try:
                 return [by_name[n] for n in splits["train"]], [by_name[n] for n in splits[val_key]]
@@ -54,6 +73,13 @@ class Dataset:
                 raise UNetSegError(f"{split_file} names case {error} that is not in imagesTr/.") from None
         names = sorted(by_name)
         random.Random(seed).shuffle(names)
+        if fold is not None:
+            if not 2 <= n_folds <= len(names) or not 0 <= fold < n_folds:
+                raise UNetSegError(f"Fold {fold} of {n_folds} is not possible with {len(names)} cases "
+                                   "(folds are numbered from 0; at least 2 folds).")
+            held_out = set(np.array_split(np.array(names), n_folds)[fold].tolist())
+            return ([by_name[n] for n in names if n not in held_out],
+                    [by_name[n] for n in names if n in held_out])
         n_val = max(1, int(round(len(names) * val_fraction)))
         return [by_name[n] for n in names[n_val:]], [by_name[n] for n in names[:n_val]]
 

@@ -44,6 +44,8 @@ class TrainConfig:
     val_every: int = 250
     seed: int = 0
     val_fraction: float = 0.2
+    fold: int | None = None  # cross-validation fold (of splits.json's list, or of ``n_folds``)
+    n_folds: int = 5
     spacing: list[float] | None = None
     patch_size: list[int] | None = None
     window: tuple[float, float] | None = None
@@ -164,7 +166,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.dataset = load_dataset(cfg.dataset)
-        self.train_cases, self.val_cases = self.dataset.split(cfg.val_fraction, cfg.seed)
+        # The split never follows --seed: models trained with other seeds (to ensemble them) or on
+        # other folds must agree on which cases each one has not seen.
+        self.train_cases, self.val_cases = self.dataset.split(cfg.val_fraction, fold=cfg.fold,
+                                                              n_folds=cfg.n_folds)
         self.label_values = sorted(self.dataset.labels.values())
         self.label_names = {v: k for k, v in self.dataset.labels.items()}
         self.multilabel = cfg.loss == "bce_dice"
@@ -475,6 +480,7 @@ class Trainer:
                 "dataset": self.dataset.meta.get("name", str(cfg.dataset)),
                 "train_cases": [c.name for c in self.train_cases],
                 "validation_cases": [c.name for c in self.val_cases],
+                **({"fold": cfg.fold} if cfg.fold is not None else {}),
                 "iterations": iterations_done, "batch_size": cfg.batch_size, "loss": cfg.loss,
                 "learning_rate": cfg.learning_rate, "seed": cfg.seed,
                 "device": str(self.device), "time_s": round(train_time, 1),

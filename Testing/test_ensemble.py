@@ -131,3 +131,22 @@ def test_ensemble_of_folds_keeps_only_cases_no_member_has_seen_for_validation(tm
     training = write_ensemble(tmp_path / "ens", members, "folds").meta["training"]
     assert training["train_cases"] == ["a", "b", "c", "d"]
     assert training["validation_cases"] == ["e"]  # what `evaluate --cases validation` will judge
+
+
+def test_monai_reference_pipeline_averages_the_members_probabilities(members, tmp_path):
+    """The benchmark's reference does what a MONAI user would do with an ensemble."""
+    import torch
+
+    from unetseg_engine.reference import ReferencePipeline
+
+    ensemble = write_ensemble(tmp_path / "ens", members, "tiny-ensemble")
+    x = torch.rand(1, 1, 32, 32, 16)  # MONAI's (B, C, x, y, z) window
+    outputs = []
+    for package in (*members, ensemble):
+        reference = ReferencePipeline(package, "cpu")
+        reference.load()
+        with torch.no_grad():
+            outputs.append(reference.network(x))
+    first, second, both = outputs
+    expected = (torch.softmax(first, 1) + torch.softmax(second, 1)) / 2
+    torch.testing.assert_close(both, expected, atol=1e-5, rtol=1e-5)

@@ -1,5 +1,5 @@
-"""Golden test: the shipped default model on 2 OpenKBP validation cases, on CPU, against the clinical
-contours. A broken weight file, a flipped axis, a wrong window or a resampling bug fails it."""
+"""Golden test: the shipped models (the default, and the ensemble) on 2 OpenKBP validation cases, on
+CPU, against the clinical contours. A broken weight file, a flipped axis, a wrong window or a resampling bug fails it."""
 
 import numpy as np
 import pytest
@@ -85,3 +85,39 @@ def test_mirror_tta_keeps_each_parotid_on_its_own_side(tmp_path):
                         sitk.ReadImage(str(label_path)))
     assert scores["RightParotid"] > FLOORS["RightParotid"], scores
     assert scores["LeftParotid"] > FLOORS["LeftParotid"], scores
+
+
+ENSEMBLE = "openkbp-hn-oar-ensemble"
+
+
+@pytest.fixture(scope="module")
+def ensemble_predictor():
+    if not (shipped_models_dir() / ENSEMBLE / "metadata.json").is_file():
+        pytest.fail(f"the shipped model SlicerUNetSeg/Resources/Models/{ENSEMBLE} is missing")
+    p = Predictor(device="cpu")
+    p.load(get_model(ENSEMBLE))
+    return p
+
+
+def test_shipped_ensemble_holds_two_float16_networks_under_20_mb():
+    import torch
+
+    package = get_model(ENSEMBLE)
+    assert package.label_names == OPENKBP_LABELS
+    assert [m["id"] for m in package.meta["training"]["ensemble_of"]] == ["openkbp-hn-oar-seed1",
+                                                                         "openkbp-hn-oar"]
+    states = package.load_state_dicts()  # both checksums verified
+    assert len(states) == 2 and package.weights_bytes < 20e6
+    assert all(v.dtype == torch.float16 for s in states for v in s.values() if v.is_floating_point())
+    # the second member is the default model's network, stored at half precision
+    default = get_model("openkbp-hn-oar").load_state_dict()
+    assert all(torch.allclose(states[1][k].float(), default[k], rtol=1e-3, atol=1e-4) for k in default)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_shipped_ensemble_dice_per_organ_on_validation_cases(ensemble_predictor, case):
+    ct_path, label_path = openkbp(case)
+    result = ensemble_predictor.predict([read_image(ct_path)])
+    scores = organ_dice(result.label_map, sitk.ReadImage(str(label_path)))
+    low = {n: round(d, 3) for n, d in scores.items() if d < FLOORS[n]}
+    assert not low, f"{case}: organs below their Dice floor: {low} (all: {scores})"

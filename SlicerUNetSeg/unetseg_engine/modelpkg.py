@@ -315,6 +315,7 @@ def write_ensemble(folder: str | os.PathLike, members: list[ModelPackage], model
               if name not in seen and all(name in t.get("validation_cases", []) for t in trainings)]
     meta["training"] = {"train_cases": seen, "validation_cases": unseen, "ensemble_of": [
         {"id": m.id, "version": m.meta["version"], "sha256": m.weights_key,
+         "time_s": m.meta.get("training", {}).get("time_s"),
          "validation_dice_model_grid": m.meta.get("training", {}).get("validation_dice_model_grid"),
          "performance": m.meta.get("performance", {}).get("summary")} for m in members],
         "weights_dtype": "float16" if half else "float32"}

@@ -1,5 +1,6 @@
 """Golden test: the shipped models (the default, and the ensemble) on 2 OpenKBP validation cases, on
-CPU, against the clinical contours. A broken weight file, a flipped axis, a wrong window or a resampling bug fails it."""
+CPU, against the clinical contours. A broken weight file, a flipped axis, a wrong window or a resampling
+bug fails it."""
 
 import numpy as np
 import pytest

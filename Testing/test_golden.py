@@ -19,15 +19,28 @@ from unetseg_engine.modelpkg import get_model, shipped_models_dir
 FLOORS = {"Brainstem": 0.76, "SpinalCord": 0.56, "RightParotid": 0.62, "LeftParotid": 0.65,
           "Esophagus": 0.46, "Larynx": 0.40, "Mandible": 0.72}
 CASES = ["pt_201", "pt_236"]
+DEFAULT, ENSEMBLE = "openkbp-hn-oar", "openkbp-hn-oar-ensemble"
 
 
 @pytest.fixture(scope="module")
-def predictor():
-    if not (shipped_models_dir() / "openkbp-hn-oar" / "metadata.json").is_file():
-        pytest.fail("the shipped default model SlicerUNetSeg/Resources/Models/openkbp-hn-oar is missing")
-    p = Predictor(device="cpu")
-    p.load(get_model("openkbp-hn-oar"))
-    return p
+def predictors():
+    """A loaded CPU predictor per shipped model id, each built once for the module."""
+    loaded: dict[str, Predictor] = {}
+
+    def predictor_for(model_id: str) -> Predictor:
+        if model_id not in loaded:
+            if not (shipped_models_dir() / model_id / "metadata.json").is_file():
+                pytest.fail(f"the shipped model SlicerUNetSeg/Resources/Models/{model_id} is missing")
+            loaded[model_id] = Predictor(device="cpu")
+            loaded[model_id].load(get_model(model_id))
+        return loaded[model_id]
+
+    return predictor_for
+
+
+@pytest.fixture(scope="module")
+def predictor(predictors):
+    return predictors(DEFAULT)
 
 
 def organ_dice(label_map: sitk.Image, reference: sitk.Image) -> dict[str, float]:
@@ -46,10 +59,11 @@ def test_default_model_metadata_names_the_seven_organs_with_snomed_codes():
     assert package.weights_bytes < 20e6
 
 
+@pytest.mark.parametrize("model_id", [DEFAULT, ENSEMBLE])
 @pytest.mark.parametrize("case", CASES)
-def test_default_model_dice_per_organ_on_validation_cases(predictor, case):
+def test_shipped_model_dice_per_organ_on_validation_cases(predictors, model_id, case):
     ct_path, label_path = openkbp(case)
-    result = predictor.predict([read_image(ct_path)])
+    result = predictors(model_id).predict([read_image(ct_path)])
     scores = organ_dice(result.label_map, sitk.ReadImage(str(label_path)))
     low = {n: round(d, 3) for n, d in scores.items() if d < FLOORS[n]}
     assert not low, f"{case}: organs below their Dice floor: {low} (all: {scores})"
@@ -88,18 +102,6 @@ def test_mirror_tta_keeps_each_parotid_on_its_own_side(tmp_path):
     assert scores["LeftParotid"] > FLOORS["LeftParotid"], scores
 
 
-ENSEMBLE = "openkbp-hn-oar-ensemble"
-
-
-@pytest.fixture(scope="module")
-def ensemble_predictor():
-    if not (shipped_models_dir() / ENSEMBLE / "metadata.json").is_file():
-        pytest.fail(f"the shipped model SlicerUNetSeg/Resources/Models/{ENSEMBLE} is missing")
-    p = Predictor(device="cpu")
-    p.load(get_model(ENSEMBLE))
-    return p
-
-
 def test_shipped_ensemble_holds_two_float16_networks_under_20_mb():
     import torch
 
@@ -114,11 +116,3 @@ def test_shipped_ensemble_holds_two_float16_networks_under_20_mb():
     default = get_model("openkbp-hn-oar").load_state_dict()
     assert all(torch.allclose(states[1][k].float(), default[k], rtol=1e-3, atol=1e-4) for k in default)
 
-
-@pytest.mark.parametrize("case", CASES)
-def test_shipped_ensemble_dice_per_organ_on_validation_cases(ensemble_predictor, case):
-    ct_path, label_path = openkbp(case)
-    result = ensemble_predictor.predict([read_image(ct_path)])
-    scores = organ_dice(result.label_map, sitk.ReadImage(str(label_path)))
-    low = {n: round(d, 3) for n, d in scores.items() if d < FLOORS[n]}
-    assert not low, f"{case}: organs below their Dice floor: {low} (all: {scores})"

@@ -91,6 +91,9 @@ def test_evaluate_judges_the_cases_the_model_was_validated_on(dataset, tmp_path,
                             device="cpu", worst=0)
     assert [c["case"] for c in report["cases"]] == CASES[:2]
     assert "Warning" not in capsys.readouterr().out
+    report = evaluate_model(str(package.path), str(dataset), "train", tmp_path / "eval-train",
+                            device="cpu", worst=0)
+    assert [c["case"] for c in report["cases"]] == CASES[2:]
 
     # cases the model was trained on: evaluated, but flagged as optimistic
     report = evaluate_model(str(package.path), str(dataset), ",".join(CASES[1:4]), tmp_path / "e2",

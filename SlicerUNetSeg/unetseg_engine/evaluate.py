@@ -176,12 +176,12 @@ def evaluate_model(model: str | None, dataset_dir: str, cases_sel: str, out: Pat
 
 
 def _select_cases(dataset, training: dict[str, Any], cases_sel: str) -> list:
-    """The cases named by ``--cases``. 'validation' means the cases the model was validated on when
-    its metadata lists them and the dataset has them all (so a model trained on another fold or
-    split is judged on what it has not seen), else the dataset's own validation split."""
+    """The cases named by ``--cases``. 'validation' ('train') means the cases the model was validated
+    (trained) on when its metadata lists them and the dataset has them all, so a model trained on
+    another fold or split is judged on what it has not seen; else the dataset's own split."""
     by_name = {c.name: c for c in dataset.cases}
-    if cases_sel == "validation":
-        recorded = training.get("validation_cases") or []
+    if cases_sel in ("validation", "train"):
+        recorded = training.get(f"{cases_sel}_cases") or []
         if recorded and all(name in by_name for name in recorded):
             return [by_name[name] for name in recorded]
     train, val = dataset.split()

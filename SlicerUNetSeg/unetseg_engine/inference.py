@@ -145,8 +145,7 @@ class Predictor:
         from .networks import build_network, channels_last_instance_norm, volume_network
 
         package = model if isinstance(model, ModelPackage) else get_model(model)
-        if self.model is not None and self.model.path == package.path and \
-                self.model.weights_key == package.weights_key:
+        if self.has_loaded(package):
             return self.model
         net = package.meta["network"]
         networks = []
@@ -167,6 +166,11 @@ class Predictor:
         self.networks = networks
         self.model = package
         return package
+
+    def has_loaded(self, package: ModelPackage) -> bool:
+        """Whether ``package`` (same folder, same weights) is the model already loaded."""
+        return self.model is not None and self.model.path == package.path and \
+            self.model.weights_key == package.weights_key
 
     # ---- phase 3: predict ---------------------------------------------------------------------
     def predict(self, images: list[sitk.Image], window: tuple[float, float] | None = None,
@@ -254,15 +258,17 @@ class Predictor:
         calls_per_pass = math.ceil(n_windows / args["sw_batch_size"])
         total_calls = max(1, calls_per_pass * len(flips) * len(self.networks))
         done = [0]
-        network = self.networks[0]
 
-        def predictor(x):
-            if is_cancelled():
-                raise CancelledError()
-            out = network(x)
-            done[0] += 1
-            report("inference", min(1.0, done[0] / total_calls))
-            return out
+        def predictor_for(network):
+            def predictor(x):
+                if is_cancelled():
+                    raise CancelledError()
+                out = network(x)
+                done[0] += 1
+                report("inference", min(1.0, done[0] / total_calls))
+                return out
+
+            return predictor
 
         x = torch.from_numpy(array)[None].to(sw_device)
         if sw_device == "cuda" and x.dim() == 5:
@@ -270,10 +276,10 @@ class Predictor:
         summed = None
         passes = [(member, axes) for member in self.networks for axes in flips]
         with torch.inference_mode(), torch.autocast("cuda", enabled=sw_device == "cuda"):
-            for network, axes in passes:  # ``predictor`` calls the current ``network``
+            for network, axes in passes:
                 xin = torch.flip(x, axes) if axes else x
-                logits = sliding_window_inference(xin, predictor=predictor, sw_device=sw_device,
-                                                  device=out_device, **args)
+                logits = sliding_window_inference(xin, predictor=predictor_for(network),
+                                                  sw_device=sw_device, device=out_device, **args)
                 logits = logits.float()
                 if axes:
                     logits = torch.flip(logits, axes)

@@ -166,8 +166,7 @@ class Worker:
         t = time.perf_counter()
         package = get_model(request.get("model"))
         predictor = self._predictor(request)
-        warm = predictor.model is not None and predictor.model.path == package.path and \
-            predictor.model.weights_key == package.weights_key
+        warm = predictor.has_loaded(package)
         progress("loading model" if not warm else "model already loaded", 0.0)
         predictor.load(package)
         timings["load_model_s"] = time.perf_counter() - t

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import product
@@ -39,9 +38,6 @@ REGION_THRESHOLD = 0.01
 # Above this fraction of boundary voxels (a noisy, untrained network) ``_argmax_on`` interpolates
 # every class at every voxel instead, which then costs less.
 MIXED_FRACTION_LIMIT = 0.15
-
-# MONAI 1.5 indexes tensors with lists, which torch >= 2.9 warns about on every window.
-warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
 
 
 @dataclass

@@ -17,13 +17,10 @@ Each transform is applied in turn (exactly what ``Compose`` does) so its time ca
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-
-warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
 
 
 def _timed(stages: dict[str, float], name: str, func, *args, **kwargs):

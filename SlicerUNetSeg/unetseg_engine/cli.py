@@ -194,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swa-every", dest="swa_every", type=int,
                    help="iterations between averaged snapshots (default 25)")
     p.add_argument("--num-threads", dest="num_threads", type=int)
+    p.add_argument("--extra-dataset", dest="extra_datasets", action="append",
+                   help="another dataset folder with the same labels, often partially contoured "
+                        "(partial_labels in its dataset.json); repeat for more. Split by its own "
+                        "splits file or, without one, holding out --val-fraction of its cases")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="CPU arithmetic: bf16 autocast where the CPU has native bfloat16 (auto, the "
+                        "default), else fp32; CUDA always uses float16 autocast")
+    p.add_argument("--sampling", choices=["classes", "balanced"],
+                   help="patch centres: 'classes' (default) or 'balanced' (each organ as often as "
+                        "the others, from the cases that contoured it)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from checkpoint.pt")
     p.add_argument("--init-from", dest="init_from",
                    help="start from an existing model package (id or folder): its plan and weights")

@@ -155,8 +155,11 @@ def evaluate_model(model: str | None, dataset_dir: str, cases_sel: str, out: Pat
         ref = sitk.ReadImage(str(case.label))
         result = predictor.predict(images)
         metrics = compare_label_maps(result.label_map, ref, labels)
+        for value, name in labels.items():  # a partially contoured case: judge what was drawn
+            if case.labelled is not None and value not in case.labelled:
+                metrics[name] = {key: math.nan for key in metrics[name]}
         results.append({"case": case.name, "labels": metrics,
-                        "mean_dice": float(np.mean([m["dice"] for m in metrics.values()])),
+                        "mean_dice": float(np.nanmean([m["dice"] for m in metrics.values()])),
                         "timings": result.timings})
         kept.append((images[0], result.label_map, ref))
         print(f"{case.name}: mean Dice {results[-1]['mean_dice']:.3f}", flush=True)
@@ -181,8 +184,9 @@ def _select_cases(dataset, training: dict[str, Any], cases_sel: str) -> list:
     another fold or split is judged on what it has not seen; else the dataset's own split."""
     by_name = {c.name: c for c in dataset.cases}
     if cases_sel in ("validation", "train"):
-        recorded = training.get(f"{cases_sel}_cases") or []
-        if recorded and all(name in by_name for name in recorded):
+        # a model trained on several datasets records all their cases: take this dataset's
+        recorded = [name for name in training.get(f"{cases_sel}_cases") or [] if name in by_name]
+        if recorded:
             return [by_name[name] for name in recorded]
     train, val = dataset.split()
     chosen = {"validation": val, "train": train, "all": dataset.cases}.get(cases_sel)

@@ -1,5 +1,13 @@
 """nnU-Net v2 dataset folders: ``dataset.json``, ``imagesTr/``, ``labelsTr/`` and optional ``splits.json``
-(or nnU-Net's ``splits_final.json``)."""
+(or nnU-Net's ``splits_final.json``).
+
+Partially contoured datasets: ``dataset.json`` may carry ``"partial_labels": "FILE.json"``, a file in
+the dataset folder mapping each case to the label values that were contoured in it, e.g.
+``{"pt_1": [2, 3, 4, 7], ...}``. In such a case a voxel of value 0 is background only where every
+listed organ is known; an organ that is not listed was *not contoured*, which is not the same as
+absent, so training must not read its zeros as background (see ``losses.py``). Cases the file does
+not name are taken as fully contoured.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +32,10 @@ class Case:
     name: str
     images: list[Path]
     label: Path
+    labelled: list[int] | None = None  # label values contoured in this case; None: all of them
+
+    def is_partial(self, label_values: list[int]) -> bool:
+        return self.labelled is not None and not set(label_values) <= set(self.labelled)
 
 
 @dataclass
@@ -104,7 +116,32 @@ def load_dataset(root: str | Path) -> Dataset:
         cases.append(Case(name, images, label))
     if not cases:
         raise UNetSegError(f"No labelled cases found in '{root / 'labelsTr'}' (file ending {ending}).")
+    if meta.get("partial_labels"):
+        labelled = read_partial_labels(root / meta["partial_labels"], meta)
+        for case in cases:
+            case.labelled = labelled.get(case.name)
     return Dataset(root, meta, cases)
+
+
+def read_partial_labels(path: Path, meta: dict[str, Any]) -> dict[str, list[int]]:
+    """The ``partial_labels`` file: case name -> contoured label values (all known foreground)."""
+    if not path.is_file():
+        raise UNetSegError(f"dataset.json names partial_labels file '{path.name}', which is not in "
+                           f"{path.parent}.")
+    try:
+        table = json.loads(path.read_text())
+    except ValueError as error:
+        raise UNetSegError(f"{path} is not valid JSON: {error}") from None
+    known = {int(v) for v in meta["labels"].values()} - {0}
+    if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
+        raise UNetSegError(f"{path} must map each case name to a list of label values, e.g. "
+                           '{"case_1": [1, 3]}.')
+    problems = [f"{name}: {sorted(set(map(int, values)) - known)}" for name, values in table.items()
+                if not set(map(int, values)) <= known]
+    if problems:
+        raise UNetSegError(f"{path} lists label values that dataset.json does not define (known: "
+                           f"{sorted(known)}): {'; '.join(problems[:10])}")
+    return {name: sorted(set(map(int, values))) for name, values in table.items()}
 
 
 def fingerprint(dataset: Dataset, cases: list[Case], crop_threshold: float | None) -> dict[str, Any]:

@@ -1,7 +1,12 @@
 """The training loop: patches from cached cases, MONAI augmentation, validation Dice, checkpoints.
 
 Its result is a model package in the engine's format, so a trained model is used exactly like a
-shipped one. Runs on CUDA with mixed precision and channels-last when present, otherwise on the CPU.
+shipped one. Runs on CUDA with mixed precision and channels-last when present, otherwise on the CPU,
+channels-last with bfloat16 autocast where the CPU has native bfloat16 (AVX512-BF16 or AMX).
+
+Partially contoured cases (``partial_labels`` in dataset.json, or extra datasets given with
+``extra_datasets``) are trained with the marginal loss (``losses.py``), and validated per organ only
+where that organ was contoured.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +26,13 @@ import numpy as np
 from ..errors import UNetSegError
 from ..modelpkg import write_package
 from .dataset import Case, fingerprint, load_dataset, prepare_case
+from .losses import MarginalDiceCELoss
 from .planner import plan_experiment
+from .sampling import BalancedSampler
 
 LOSSES = ("dice_ce", "dice_focal", "bce_dice")
+PRECISIONS = ("auto", "fp32", "bf16")
+SAMPLINGS = ("classes", "balanced")
 
 
 @dataclass
@@ -67,6 +77,37 @@ class TrainConfig:
     # snapshots taken every ``swa_every`` iterations (torch.optim.swa_utils.AveragedModel)
     swa_start: float | None = None
     swa_every: int = 25
+    # more nnU-Net dataset folders with the same labels (often partially contoured); each is split by
+    # its own splits file or, without one, by the fixed shuffle holding out ``val_fraction``
+    extra_datasets: list[str] = field(default_factory=list)
+    precision: str = "auto"  # CPU: bf16 autocast where the CPU has native bfloat16, else fp32
+    # patch centres: "classes" (MONAI's RandCropByLabelClassesd, foreground twice as often per class
+    # as background) or "balanced" (an organ drawn uniformly, then a case that contoured it, then a
+    # voxel of it; or, one time in n_classes, anywhere in a random case): rare organs that only some
+    # cases contoured are seen as often as common ones
+    sampling: str = "classes"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN's check: AVX512-BF16 or AMX)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _resolve_precision(name: str, device) -> str:
+    """'fp16' (CUDA autocast), 'bf16' (CPU autocast) or 'fp32'."""
+    if name not in PRECISIONS:
+        raise UNetSegError(f"Unknown precision '{name}'. Choose from {', '.join(PRECISIONS)}.")
+    if device.type == "cuda":
+        return "fp16"
+    if name == "bf16" and not cpu_has_bf16():
+        raise UNetSegError("--precision bf16 was asked for, but this CPU has no native bfloat16 "
+                           "(AVX512-BF16 or AMX). Use --precision fp32 or auto.")
+    return "bf16" if name == "bf16" or (name == "auto" and cpu_has_bf16()) else "fp32"
 
 
 def _resolve_device(name: str):
@@ -116,6 +157,11 @@ def mirror_transform(swap_values: dict[int, int], prob: float = 0.5):
             swapped = label.copy()
             swapped[inside] = lut[label[inside].astype(np.intp)]
             d["label"] = swapped
+            if "labelled" in d:  # the right parotid contoured is now a left one contoured
+                labelled = np.asarray(d["labelled"])
+                source = np.arange(labelled.size)  # the value each class was before the mirror
+                source[: lut.size] = lut
+                d["labelled"] = labelled[source]
             return d
 
     return RandMirrorSwapd()
@@ -125,16 +171,23 @@ def build_augmentation(patch_zyx, n_classes: int, cfg: TrainConfig,
                        swap_values: dict[int, int] | None = None):
     """MONAI dictionary transforms on (C, z, y, x) arrays. No left-right flip unless asked, because
     paired organs (left/right parotid) have their own labels; ``swap_values`` (from
-    ``cfg.mirror_pairs``) mirrors left-right and swaps those labels instead."""
+    ``cfg.mirror_pairs``) mirrors left-right and swaps those labels instead.
+
+    With ``cfg.sampling == "classes"`` the chain crops the patch itself (and returns a list of one
+    sample); with "balanced" it is given patches already cropped by ``BalancedSampler``."""
     from monai import transforms as T
 
     keys = ["image", "label"]
     axis_of = {"z": 0, "y": 1, "x": 2}
-    ratios = [1.0] + [2.0] * (n_classes - 1)  # foreground patches twice as often per class
-    chain = [
-        T.SpatialPadd(keys, spatial_size=patch_zyx, mode="constant"),
-        T.RandCropByLabelClassesd(keys, label_key="label", spatial_size=patch_zyx,
-                                  num_classes=n_classes, ratios=ratios, num_samples=1),
+    chain = []
+    if cfg.sampling == "classes":
+        ratios = [1.0] + [2.0] * (n_classes - 1)  # foreground patches twice as often per class
+        chain += [
+            T.SpatialPadd(keys, spatial_size=patch_zyx, mode="constant"),
+            T.RandCropByLabelClassesd(keys, label_key="label", spatial_size=patch_zyx,
+                                      num_classes=n_classes, ratios=ratios, num_samples=1),
+        ]
+    chain += [
         T.RandAffined(keys, prob=0.25, rotate_range=(0.26, 0.26, 0.26), scale_range=(0.15,) * 3,
                       mode=("bilinear", "nearest"), padding_mode="border"),
     ]
@@ -172,7 +225,26 @@ class Trainer:
                                                               n_folds=cfg.n_folds)
         self.label_values = sorted(self.dataset.labels.values())
         self.label_names = {v: k for k, v in self.dataset.labels.items()}
+        # validation cases by dataset, each reported on its own (the first is the main dataset)
+        self.val_groups: dict[str, list[Case]] = {self.dataset.root.name: list(self.val_cases)}
+        for folder in cfg.extra_datasets:
+            extra = load_dataset(folder)
+            if extra.labels != self.dataset.labels or extra.channel_names != self.dataset.channel_names:
+                raise UNetSegError(f"Extra dataset '{folder}' has labels {extra.labels} and channels "
+                                   f"{extra.channel_names}; the main dataset has {self.dataset.labels} "
+                                   f"and {self.dataset.channel_names}. They must be the same.")
+            train, val = extra.split(cfg.val_fraction)
+            self.train_cases += train
+            self.val_cases += val
+            self.val_groups[extra.root.name] = val
         self.multilabel = cfg.loss == "bce_dice"
+        self.partial = any(c.is_partial(self.label_values) for c in self.train_cases + self.val_cases)
+        if self.partial and cfg.loss != "dice_ce":
+            raise UNetSegError(f"Some cases are partially contoured (partial_labels); they are trained "
+                               f"with the marginal Dice + cross-entropy, so use --loss dice_ce, not "
+                               f"{cfg.loss}.")
+        if cfg.sampling not in SAMPLINGS:
+            raise UNetSegError(f"Unknown sampling '{cfg.sampling}'. Choose from {', '.join(SAMPLINGS)}.")
         if cfg.swa_start is not None and not 0 <= cfg.swa_start < 1:
             raise UNetSegError(f"--swa-start {cfg.swa_start}: give the fraction of the run after which "
                                "weights are averaged, from 0 (the whole run) to below 1.")
@@ -220,12 +292,22 @@ class Trainer:
                 "init_from": {"id": package.id, "version": meta["version"],
                               "sha256": package.weights_key}}
 
-    def load_cases(self, cases: list[Case]) -> list[dict[str, np.ndarray]]:
-        out = []
-        for case in cases:
+    def load_cases(self, cases: list[Case]) -> list[dict[str, Any]]:
+        """Each case on its model grid, decoded once and kept in memory for the whole run, with
+        ``labelled``: a bool per class (background first), True where that class was contoured."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        n_classes = len(self.label_values) + 1
+
+        def load(case: Case) -> dict[str, Any]:
             image, label = prepare_case(case, self.plan_["preprocessing"])
-            out.append({"image": image, "label": label[None], "name": case.name})
-        return out
+            labelled = np.ones(n_classes, bool)
+            if case.labelled is not None:
+                labelled[1:] = [v in case.labelled for v in self.label_values]
+            return {"image": image, "label": label[None], "name": case.name, "labelled": labelled}
+
+        with ThreadPoolExecutor(2) as pool:  # SimpleITK's reading and resampling release the GIL
+            return list(pool.map(load, cases))
 
     @staticmethod
     def log(message: str) -> None:
@@ -243,6 +325,7 @@ class Trainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.device = _resolve_device(cfg.device)
+        self.precision = _resolve_precision(cfg.precision, self.device)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         set_determinism(seed=cfg.seed)
@@ -264,12 +347,14 @@ class Trainer:
         self.log(f"Plan: spacing {self.plan_['preprocessing']['spacing_mm']} mm, patch "
                  f"{self.plan_['patch_size']} (x, y, z), {self.plan_['network']['architecture']} "
                  f"{self.plan_['network']['params']}, normalisation "
-                 f"{self.plan_['preprocessing']['normalization']}, device {self.device}")
+                 f"{self.plan_['preprocessing']['normalization']}, device {self.device}, "
+                 f"precision {self.precision}")
         t0 = time.time()
         train_data = self.load_cases(self.train_cases)
         val_data = self.load_cases(self.val_cases)
-        self.log(f"Prepared {len(train_data)} training and {len(val_data)} validation cases in "
-                 f"{time.time() - t0:.1f} s")
+        n_partial = sum(c.is_partial(self.label_values) for c in self.train_cases)
+        self.log(f"Prepared {len(train_data)} training cases ({n_partial} partially contoured) and "
+                 f"{len(val_data)} validation cases in {time.time() - t0:.1f} s")
 
         net_spec = self.plan_["network"]
         n_classes = len(self.label_values) + 1
@@ -278,8 +363,12 @@ class Trainer:
                              len(self.dataset.channel_names), out_channels, net_spec["params"])
         network = volume_network(core, net_spec["spatial_dims"]).to(self.device)
         use_cuda = self.device.type == "cuda"
-        if use_cuda and net_spec["spatial_dims"] == 3:
+        # channels-last: on CUDA for the tensor cores, on the CPU for oneDNN's fast 3D kernels
+        channels_last = net_spec["spatial_dims"] == 3 and (use_cuda or self.precision == "bf16")
+        if channels_last:
             network = network.to(memory_format=torch.channels_last_3d)
+        autocast = dict(device_type=self.device.type, enabled=self.precision != "fp32",
+                        dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
         optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.learning_rate,
                                       weight_decay=cfg.weight_decay)
         warmup = max(1, min(100, cfg.iterations // 20))
@@ -331,17 +420,31 @@ class Trainer:
         patch_zyx = list(reversed(self.plan_["patch_size"]))
         augment = build_augmentation(patch_zyx, n_classes, cfg, self.swap_values)
         augment.set_random_state(seed=cfg.seed + start_it)
-        loss_fn = build_loss(cfg.loss, self.multilabel)
+        marginal = cfg.loss == "dice_ce"  # equals MONAI's DiceCELoss on fully contoured cases
+        loss_fn = MarginalDiceCELoss() if marginal else build_loss(cfg.loss, self.multilabel)
         rng = np.random.default_rng(cfg.seed + start_it)
+        sampler = BalancedSampler(train_data, self.label_values, patch_zyx, rng) \
+            if cfg.sampling == "balanced" else None
         inferer_args = dict(roi_size=patch_zyx, sw_batch_size=4, overlap=0.5, mode="gaussian")
 
         def batch():
-            images, labels = [], []
+            images, labels, labelled = [], [], []
             for _ in range(cfg.batch_size):
-                sample = augment(train_data[rng.integers(len(train_data))])[0]
+                if sampler is not None:
+                    sample = augment(sampler.sample())
+                else:
+                    sample = augment(train_data[rng.integers(len(train_data))])[0]
                 images.append(torch.as_tensor(sample["image"]))
                 labels.append(torch.as_tensor(sample["label"]))
-            return torch.stack(images).float(), torch.stack(labels).long()
+                labelled.append(torch.as_tensor(np.asarray(sample["labelled"])))
+            return torch.stack(images).float(), torch.stack(labels).long(), torch.stack(labelled)
+
+        def compute_loss(images, labels, labelled):
+            with torch.autocast(**autocast):
+                output = main_output(network(images)).float()
+            if marginal:
+                return loss_fn(output, labels, labelled)
+            return loss_fn(output, target_for(labels))
 
         def target_for(labels):
             if not self.multilabel:
@@ -350,7 +453,8 @@ class Trainer:
             return (labels == values).float()
 
         def validate(it: int) -> list[float]:
-            """Dice per label on the validation cases, of the weights that would be exported now."""
+            """Dice per label on the validation cases, of the weights that would be exported now:
+            per dataset, each organ over the cases that contoured it. Returns the main dataset's."""
             model = network if averaged is None else volume_network(averaged.module,
                                                                      net_spec["spatial_dims"])
             model.eval()
@@ -358,7 +462,9 @@ class Trainer:
             with torch.inference_mode():
                 for case in val_data:
                     x = torch.as_tensor(case["image"])[None].to(self.device)
-                    with torch.autocast(self.device.type, enabled=use_cuda):
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last_3d)
+                    with torch.autocast(**autocast):
                         logits = sliding_window_inference(x, predictor=model, **inferer_args)
                     if self.multilabel:
                         probs = torch.sigmoid(logits[0].float()).cpu().numpy() > 0.5
@@ -367,16 +473,30 @@ class Trainer:
                             pred[probs[c]] = v
                     else:
                         pred = logits[0].argmax(0).cpu().numpy()
-                    scores.append(dice_per_label(pred, case["label"][0], self.label_values))
+                    case_scores = dice_per_label(pred, case["label"][0], self.label_values)
+                    scores.append([d if case["labelled"][v] else math.nan
+                                   for v, d in zip(self.label_values, case_scores)])
             network.train()
-            per_label = np.nanmean(np.array(scores, dtype=float), axis=0).tolist()
-            history["val_iteration"].append(it)
-            history["val_dice"].append(per_label)
-            names = " ".join(f"{self.label_names[v]}={d:.3f}" for v, d in zip(self.label_values,
-                                                                             per_label))
             of = "" if averaged is None else f" of the average of {int(averaged.n_averaged)} snapshots"
-            self.log(f"  validation{of} at {it}: mean Dice {np.mean(per_label):.3f} ({names})")
-            return per_label
+            results, start = {}, 0
+            for group, cases in self.val_groups.items():
+                if not cases:
+                    continue
+                block = np.array(scores[start:start + len(cases)], dtype=float)
+                start += len(cases)
+                with warnings.catch_warnings():  # an organ no case of the group contoured: NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    per_label = np.nanmean(block, axis=0).tolist()
+                results[group] = per_label
+                names = " ".join(f"{self.label_names[v]}={d:.3f}" for v, d in zip(self.label_values,
+                                                                                 per_label))
+                self.log(f"  validation{of} at {it} on {group} ({len(cases)} cases): mean Dice "
+                         f"{np.nanmean(per_label):.3f} ({names})")
+            main = next(iter(results.values()))
+            history["val_iteration"].append(it)
+            history["val_dice"].append(main)
+            history.setdefault("val_dice_by_dataset", []).append(results)
+            return main
 
         def save_checkpoint(it: int) -> None:
             state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
@@ -392,13 +512,12 @@ class Trainer:
         deadline = clock_start + budget_s if budget_s else math.inf
         tick, it = time.time(), start_it
         for it in range(start_it, cfg.iterations):
-            images, labels = batch()
+            images, labels, labelled = batch()
             images, labels = images.to(self.device), labels.to(self.device)
-            if use_cuda and net_spec["spatial_dims"] == 3:
+            if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last_3d)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, enabled=use_cuda):
-                loss = loss_fn(main_output(network(images)).float(), target_for(labels))
+            loss = compute_loss(images, labels, labelled)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
@@ -456,8 +575,13 @@ class Trainer:
                      "color": info.pop("color", list(palette[i % len(palette)]))}
             label.update(info)
             labels.append(label)
+        def rounded(scores: list[float]) -> dict[str, float | None]:  # NaN (never contoured): null
+            return {self.label_names[v]: None if math.isnan(d) else round(d, 4)
+                    for v, d in zip(self.label_values, scores)}
+
         last = history["val_dice"][-1] if history["val_dice"] else []
-        val_metrics = {self.label_names[v]: round(d, 4) for v, d in zip(self.label_values, last)}
+        by_dataset = history.get("val_dice_by_dataset") or [{}]
+        val_metrics = rounded(last)
         plan = self.plan_
         meta = {
             "schema_version": 1,
@@ -490,6 +614,13 @@ class Trainer:
                                  "coarse_dropout": cfg.coarse_dropout, "flip_axes": cfg.flip_axes,
                                  "mirror_pairs": cfg.mirror_pairs},
                 "validation_dice_model_grid": val_metrics,
+                **({"extra_datasets": [Path(d).name for d in cfg.extra_datasets],
+                    "validation_dice_model_grid_by_dataset": {
+                        group: rounded(scores) for group, scores in by_dataset[-1].items()}}
+                   if cfg.extra_datasets else {}),
+                "partially_contoured_train_cases": sum(c.is_partial(self.label_values)
+                                                       for c in self.train_cases),
+                "precision": self.precision, "sampling": cfg.sampling,
             },
         }
         written = write_package(package, meta, core.state_dict())

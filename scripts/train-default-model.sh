@@ -10,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 DATA=${UNETSEG_DATA:-../shared/data}/openkbp_hn_oar
+PARTIAL=${UNETSEG_DATA:-../shared/data}/openkbp_hn_oar_partial
 RUN=${1:-runs/default-model}
 DEVICE=${DEVICE:-auto}
 .venv/bin/unetseg train "$DATA" -o "$RUN/stage1" --recipe recipes/openkbp-hn-oar.json --device "$DEVICE" \
@@ -17,6 +18,13 @@ DEVICE=${DEVICE:-auto}
 .venv/bin/unetseg train "$DATA" -o "$RUN/stage2" --recipe recipes/openkbp-hn-oar.json --device "$DEVICE" \
     --init-from "$RUN/stage1/model" --patch-size 112,64,128 --learning-rate 1e-3 \
     --iterations 3000 --time-limit-min 105 --num-threads 2
-.venv/bin/unetseg evaluate --model "$RUN/stage2/model" --dataset "$DATA" --cases validation \
+.venv/bin/unetseg train "$DATA" -o "$RUN/stage3" --recipe recipes/openkbp-hn-oar.json --device "$DEVICE" \
+    --init-from "$RUN/stage2/model" --extra-dataset "$PARTIAL" --val-fraction 0.13 \
+    --sampling balanced --mirror-pairs RightParotid:LeftParotid --patch-size 112,64,128 \
+    --learning-rate 1e-3 --iterations 6000 --time-limit-min 88 --val-every 500 --num-threads 2 \
+    --version 1.2.0
+.venv/bin/unetseg evaluate --model "$RUN/stage3/model" --dataset "$DATA" --cases validation \
     -o "$RUN/evaluation"
-echo "Model package: $RUN/stage2/model (install with: .venv/bin/unetseg import-model $RUN/stage2/model)"
+.venv/bin/unetseg evaluate --model "$RUN/stage3/model" --dataset "$PARTIAL" --cases validation \
+    -o "$RUN/evaluation-partial"
+echo "Model package: $RUN/stage3/model (install with: .venv/bin/unetseg import-model $RUN/stage3/model)"

@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="run folder (checkpoint, curves, model/)")
     p.add_argument("--recipe", help="JSON file with any of the options below (options win)")
     p.add_argument("--model-id", dest="model_id")
+    p.add_argument("--version", help="version of the exported package (default 1.0.0)")
     p.add_argument("--title")
     p.add_argument("--architecture", choices=["UNet", "BasicUNet", "BasicUNetPlusPlus",
                                               "AttentionUnet", "VNet", "DynUNet", "SegResNet"])

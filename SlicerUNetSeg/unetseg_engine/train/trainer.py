@@ -40,6 +40,7 @@ class TrainConfig:
     dataset: Path
     output: Path
     model_id: str
+    version: str = "1.0.0"  # of the exported package
     title: str = ""
     description: str = ""
     licence: str = "unspecified"
@@ -586,7 +587,7 @@ class Trainer:
         meta = {
             "schema_version": 1,
             "id": cfg.model_id,
-            "version": "1.0.0",
+            "version": cfg.version,
             "title": cfg.title or cfg.model_id,
             "description": cfg.description or f"Trained with unetseg on {self.dataset.meta.get('name')}",
             "licence": cfg.licence,

@@ -28,9 +28,11 @@ def _window(text: str | None):
 
 
 def cmd_models(args) -> int:
-    from .modelpkg import list_models
+    from .modelpkg import scan_models
 
-    models = list_models()
+    models, skipped = scan_models()
+    for path, reason in skipped:  # on stderr, so that --json output stays parseable
+        print(f"unetseg: skipped '{path}': {reason}", file=sys.stderr)
     if args.json:
         print(json.dumps([m.summary() for m in models], indent=2))
         return 0

@@ -93,6 +93,14 @@ def test_train_refuses_an_invalid_model_id_before_training(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_refuses_a_patch_its_network_cannot_take_before_training(tmp_path, capsys):
+    dataset = make_dataset(tmp_path / "ds")
+    argv = train_argv(dataset, tmp_path / "run")
+    argv[argv.index("--patch-size") + 1] = "33,32,32"
+    refused(capsys, argv, "--patch-size", "multiple")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("text,words", [("{not json", "not valid JSON"),
                                         ('{"channel_names": {"0": "CT"}}', "'labels'"),
                                         ('{"labels": {"background": 0, "A": "one"}}', "whole numbers")])

@@ -57,6 +57,9 @@ def check_arguments(settings: dict[str, Any]) -> None:
             jsonschema.validate(list(value), _schema_part(*where))
         except jsonschema.ValidationError as error:
             problems.append(f"--{key.replace('_', '-')} {value} ({form}): {error.message}")
+    patch = settings.get("patch_size")
+    if patch is not None and not problems and not settings.get("init_from"):
+        problems += _patch_problems(settings, list(patch))
     window = settings.get("window")
     if window is not None:
         norm = _schema_part("preprocessing", "normalization")["properties"]
@@ -67,6 +70,24 @@ def check_arguments(settings: dict[str, Any]) -> None:
                 problems.append(f"--window {name} {value:g} HU: {error.message}")
     if problems:
         raise UNetSegError(_summary("The training options have", problems))
+
+
+def _patch_problems(settings: dict[str, Any], patch: list[int]) -> list[str]:
+    """Whether the network the planner builds for ``patch`` can take windows of that size (a patch
+    of 33 voxels plans three stride-2 levels and would fail at the first iteration)."""
+    from ..networks import check_patch_fits
+    from .planner import plan_experiment
+
+    # The network depends only on the patch and these options; the fingerprint values are unused.
+    unused = {"spacing_median": [1.0] * 3, "spacing_p10": [1.0] * 3, "extent_mm_median": [1.0] * 3,
+              "foreground_intensity": {"p00_5": 0.0, "p99_5": 1.0}}
+    kwargs = {k: settings[k] for k in ("architecture", "spatial_dims", "base_features") if k in settings}
+    network = plan_experiment(unused, "MR", spacing=[1.0] * 3, patch_size=patch, **kwargs)["network"]
+    try:
+        check_patch_fits(network["architecture"], network["spatial_dims"], network["params"], patch)
+    except UNetSegError as error:
+        return [f"--patch-size: {error}"]
+    return []
 
 
 def check_dataset(root: str | Path) -> None:

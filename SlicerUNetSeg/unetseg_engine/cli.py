@@ -28,9 +28,11 @@ def _window(text: str | None):
 
 
 def cmd_models(args) -> int:
-    from .modelpkg import list_models
+    from .modelpkg import scan_models
 
-    models = list_models()
+    models, skipped = scan_models()
+    for path, reason in skipped:  # on stderr, so that --json output stays parseable
+        print(f"unetseg: skipped '{path}': {reason}", file=sys.stderr)
     if args.json:
         print(json.dumps([m.summary() for m in models], indent=2))
         return 0
@@ -81,7 +83,21 @@ def cmd_ensemble(args) -> int:
     return 0
 
 
+def _axes(key: str, text: str) -> list:
+    """--spacing / --patch-size / --flip-axes: three numbers x,y,z, or axis names."""
+    type_ = {"spacing": float, "patch_size": int}.get(key, str)
+    try:
+        values = [type_(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if type_ is not str and len(values) != 3:
+        raise UNetSegError(f"--{key.replace('_', '-')} takes three {type_.__name__} values x,y,z, "
+                           f"not '{text}'.")
+    return values
+
+
 def cmd_train(args) -> int:
+    from .train.checks import check_arguments, check_dataset
     from .train.trainer import TrainConfig, Trainer
 
     recipe = json.loads(Path(args.recipe).read_text()) if args.recipe else {}
@@ -89,15 +105,15 @@ def cmd_train(args) -> int:
     settings = {**recipe, **overrides}
     if "window" in settings and isinstance(settings["window"], str):
         settings["window"] = _window(settings["window"])
-    if not settings.get("model_id"):
-        raise UNetSegError("Give --model-id (or a --recipe that names one) for the trained model.")
     if isinstance(settings.get("mirror_pairs"), str):  # "RightParotid:LeftParotid,A:B"
         settings["mirror_pairs"] = [pair.split(":") for pair in settings["mirror_pairs"].split(",")]
     for key in ("spacing", "patch_size", "flip_axes"):
         if isinstance(settings.get(key), str):
-            settings[key] = [type_(v) for v, type_ in
-                             zip(settings[key].split(","), [float if key == "spacing" else
-                                                             (int if key == "patch_size" else str)] * 3)]
+            settings[key] = _axes(key, settings[key])
+    # Everything that can be checked is checked before the first iteration (and before the run
+    # folder is made): hours of training must not end in a refusal.
+    check_arguments(settings)
+    check_dataset(args.dataset)
     settings["dataset"], settings["output"] = Path(args.dataset), Path(args.output)
     package = Trainer(TrainConfig(**settings)).run()
     print(f"Model package: {package}")

@@ -17,21 +17,42 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import UNetSegError
+from .imageio import grid_differences
 from .metrics import label_metrics
 
 METRICS = ("dice", "iou", "hd95_mm", "volume_diff_ml")
 
 
-def compare_label_maps(pred: sitk.Image, ref: sitk.Image, labels: dict[int, str]) -> dict[str, dict]:
-    """Metrics per label name for two label maps on the same grid."""
-    if pred.GetSize() != ref.GetSize() or not np.allclose(pred.GetSpacing(), ref.GetSpacing(),
-                                                          atol=1e-4):
-        raise UNetSegError(f"Prediction grid {pred.GetSize()} / {pred.GetSpacing()} differs from the "
-                           f"reference grid {ref.GetSize()} / {ref.GetSpacing()}; resample the "
-                           "prediction onto the reference first.")
+def compare_label_maps(pred: sitk.Image, ref: sitk.Image, labels: dict[int, str],
+                       ref_values: dict[str, int] | None = None, what: str = "") -> dict[str, dict]:
+    """Metrics per label name for two label maps on the same grid (size, spacing, origin, direction).
+
+    ``labels`` maps the prediction's values to names; ``ref_values`` gives each name's value in the
+    reference when its numbering differs (a dataset's labels are matched to a model's by name).
+    """
+    differences = grid_differences(pred, ref)
+    if differences:
+        raise UNetSegError(f"{what}The prediction and the reference are on different grids "
+                           f"({'; '.join(differences)}), so voxels would be compared at different places; "
+                           "resample the prediction onto the reference first.")
     p, r = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(ref)
     spacing_zyx = ref.GetSpacing()[::-1]
-    return {name: label_metrics(p == value, r == value, spacing_zyx) for value, name in labels.items()}
+    ref_values = ref_values or {name: value for value, name in labels.items()}
+    return {name: label_metrics(p == value, r == ref_values[name], spacing_zyx)
+            for value, name in labels.items()}
+
+
+def match_labels(model_labels: dict[int, str], reference_labels: dict[str, int], model: str,
+                 reference: str) -> dict[str, int]:
+    """Each model label's value in the reference, matched by name; refuses names the reference lacks
+    (scoring "RightParotid" against whatever has its value elsewhere means nothing)."""
+    missing = [name for name in model_labels.values() if name not in reference_labels]
+    if missing:
+        raise UNetSegError(f"The labels of {model} ({', '.join(model_labels.values())}) do not match "
+                           f"those of {reference} ({', '.join(reference_labels) or 'none'}): "
+                           f"{', '.join(missing)} not found. Evaluate a model on a dataset of the same "
+                           "structures, with the same label names.")
+    return {name: reference_labels[name] for name in model_labels.values()}
 
 
 def summarize(cases: list[dict[str, Any]], label_names: list[str]) -> dict[str, Any]:
@@ -147,6 +168,8 @@ def evaluate_model(model: str | None, dataset_dir: str, cases_sel: str, out: Pat
               f"({', '.join(seen[:5])}{', ...' if len(seen) > 5 else ''}); their figures are "
               "optimistic.", flush=True)
     labels = {label["value"]: label["name"] for label in package.labels}
+    ref_values = match_labels(labels, dataset.labels, f"model '{package.id}'",
+                              f"the dataset {dataset.root}")
     predictor = Predictor(device=device, tta=tta)
     predictor.load(package)
     results, kept = [], []
@@ -154,9 +177,9 @@ def evaluate_model(model: str | None, dataset_dir: str, cases_sel: str, out: Pat
         images = [read_image(p) for p in case.images]
         ref = sitk.ReadImage(str(case.label))
         result = predictor.predict(images)
-        metrics = compare_label_maps(result.label_map, ref, labels)
-        for value, name in labels.items():  # a partially contoured case: judge what was drawn
-            if case.labelled is not None and value not in case.labelled:
+        metrics = compare_label_maps(result.label_map, ref, labels, ref_values, f"Case '{case.name}': ")
+        for name in labels.values():  # a partially contoured case: judge only what was drawn
+            if case.labelled is not None and ref_values[name] not in case.labelled:
                 metrics[name] = {key: math.nan for key in metrics[name]}
         results.append({"case": case.name, "labels": metrics,
                         "mean_dice": float(np.nanmean([m["dice"] for m in metrics.values()])),
@@ -207,10 +230,18 @@ def evaluate_folders(pred_dir: str, ref_dir: str, out: Path, model: str | None) 
                                                                      ".mha")))
     if not refs:
         raise UNetSegError(f"No label maps (.nii.gz, .nrrd, .mha) in '{ref_dir}'.")
+    ref_values = None
     if model:
         from .modelpkg import get_model
 
-        labels = {label["value"]: label["name"] for label in get_model(model).labels}
+        package = get_model(model)
+        labels = {label["value"]: label["name"] for label in package.labels}
+        dataset_json = ref_dir_p.resolve().parent / "dataset.json"
+        if dataset_json.is_file():  # references in an nnU-Net labelsTr/: their names are known
+            from .train.checks import dataset_labels
+
+            ref_values = match_labels(labels, dataset_labels(dataset_json.parent),
+                                      f"model '{package.id}'", str(dataset_json))
     else:
         values = set()
         for p in refs:
@@ -223,7 +254,7 @@ def evaluate_folders(pred_dir: str, ref_dir: str, out: Path, model: str | None) 
             raise UNetSegError(f"No prediction '{ref_path.name}' in '{pred_dir}' for the reference of "
                                "the same name.")
         metrics = compare_label_maps(sitk.ReadImage(str(pred_path)), sitk.ReadImage(str(ref_path)),
-                                     labels)
+                                     labels, ref_values, f"'{ref_path.name}': ")
         name = ref_path.name.split(".")[0]
         results.append({"case": name, "labels": metrics,
                         "mean_dice": float(np.mean([m["dice"] for m in metrics.values()]))})

@@ -125,3 +125,28 @@ def write_label_map(label: sitk.Image, path: str | os.PathLike) -> None:
     """Write a label map atomically (compressed)."""
     path = check_output_path(path)
     atomic_write(path, lambda tmp: sitk.WriteImage(label, tmp, useCompression=True))
+
+
+def grid_differences(a, b) -> list[str]:
+    """How the voxel grids of ``a`` and ``b`` differ (empty when they are the same grid).
+
+    Takes ``sitk.Image`` or ``sitk.ImageFileReader`` (after ``ReadImageInformation``, so nothing but
+    the header is read). Float headers round, so spacing may differ by 0.1 %, origin by a hundredth of
+    a voxel and direction cosines by 1e-4; beyond that, comparing voxel by voxel compares different
+    places in the patient.
+    """
+    problems = []
+    if tuple(a.GetSize()) != tuple(b.GetSize()):
+        return [f"size {tuple(a.GetSize())} vs {tuple(b.GetSize())}"]
+    spacing_a, spacing_b = np.array(a.GetSpacing()), np.array(b.GetSpacing())
+    if not np.allclose(spacing_a, spacing_b, rtol=1e-3, atol=0):
+        problems.append(f"spacing {_fmt(spacing_a)} vs {_fmt(spacing_b)} mm")
+    if np.abs(np.subtract(a.GetOrigin(), b.GetOrigin())).max() > 0.01 * spacing_a.min():
+        problems.append(f"origin {_fmt(a.GetOrigin())} vs {_fmt(b.GetOrigin())} mm")
+    if not np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4):
+        problems.append(f"direction {_fmt(a.GetDirection())} vs {_fmt(b.GetDirection())}")
+    return problems
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"

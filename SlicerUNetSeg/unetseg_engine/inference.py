@@ -138,21 +138,15 @@ class Predictor:
         """Build the network(s) and load checked weights; a no-op if this model is already loaded."""
         import torch
 
-        from .networks import build_network, channels_last_instance_norm, volume_network
+        from .networks import channels_last_instance_norm, volume_network
+        from .packagecheck import build_loaded_networks
 
         package = model if isinstance(model, ModelPackage) else get_model(model)
         if self.has_loaded(package):
             return self.model
         net = package.meta["network"]
         networks = []
-        for state in package.load_state_dicts():
-            core = build_network(net["architecture"], net["spatial_dims"],
-                                 len(package.meta["inputs"]), package.out_channels, net["params"])
-            try:
-                core.load_state_dict(state)  # float16-stored weights become float32 here
-            except RuntimeError as error:
-                raise UNetSegError(f"The weights of model '{package.id}' do not fit its network "
-                                   f"description ({str(error).splitlines()[0]}).") from None
+        for core in build_loaded_networks(package):
             network = volume_network(core, net["spatial_dims"]).eval().to(self.device)
             if net["spatial_dims"] == 3:  # oneDNN (CPU) and cuDNN convolutions run faster channels-last
                 network = network.to(memory_format=torch.channels_last_3d)

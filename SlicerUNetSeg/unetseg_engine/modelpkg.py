@@ -2,8 +2,9 @@
 
 Models are data. The metadata is validated against ``schema/model.schema.json``; the network is built
 from MONAI classes on an allow-list (``networks.py``); the weights are loaded with
-``torch.load(weights_only=True)`` (or safetensors) only after their SHA-256 matches the metadata.
-Listing models reads JSON only and never imports torch.
+``torch.load(weights_only=True)`` only after their SHA-256 matches the metadata. Listing models reads
+JSON only and never imports torch. The limits that keep hostile packages harmless are in
+``packagecheck.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UNetSegError
+from .packagecheck import check_archive, check_package_runs, load_weights_file, read_metadata
 
 METADATA_FILE = "metadata.json"
 SCHEMA_PATH = Path(__file__).with_name("schema") / "model.schema.json"
@@ -70,10 +72,15 @@ def validate_metadata(meta: Any, where: str = "metadata.json") -> None:
         if any(name not in names for name in pair):
             raise UNetSegError(f"Model metadata {where}: tta_mirror_pairs names {pair}, but the "
                                f"labels are {names}.")
-    from .networks import validate_network  # imports no torch
+    from .networks import check_patch_fits, validate_network  # import no torch
 
     net = meta["network"]
     validate_network(net["architecture"], net["spatial_dims"], net["params"])
+    try:
+        check_patch_fits(net["architecture"], net["spatial_dims"], net["params"],
+                         meta["inference"]["patch_size"])
+    except UNetSegError as error:
+        raise UNetSegError(f"Model metadata {where}: {error}") from None
 
 
 def sha256_of(path: Path) -> str:
@@ -160,13 +167,7 @@ class ModelPackage:
             raise UNetSegError(f"Weights file '{path.name}' of model '{self.id}' does not match its "
                                f"checksum (expected {expected[:12]}..., got {actual[:12]}...): it is "
                                "damaged or was tampered with. Reinstall the model package.")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        import torch
-
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return load_weights_file(path, self.id)
 
 
 def _window_of(meta: dict[str, Any]) -> list[float] | None:
@@ -180,17 +181,17 @@ def load_package(path: str | os.PathLike) -> ModelPackage:
     meta_path = path / METADATA_FILE
     if not meta_path.is_file():
         raise UNetSegError(f"'{path}' is not a model package: it has no {METADATA_FILE}.")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UNetSegError(f"{meta_path} is not valid JSON ({error}).") from None
+    meta = read_metadata(meta_path)
     validate_metadata(meta, str(meta_path))
     return ModelPackage(path, meta)
 
 
-def list_models() -> list[ModelPackage]:
-    """Every valid package on the search path (invalid ones are skipped); the first id wins."""
+def scan_models() -> tuple[list[ModelPackage], list[tuple[Path, str]]]:
+    """Every valid package on the search path (the first of each id wins), and the folders skipped
+    with the reason: an invalid package, or a user-folder package claiming a shipped model's id."""
     found: dict[str, ModelPackage] = {}
+    skipped: list[tuple[Path, str]] = []
+    reserved = shipped_model_ids()
     for folder in model_search_path():
         if not folder.is_dir():
             continue
@@ -199,10 +200,32 @@ def list_models() -> list[ModelPackage]:
                 continue
             try:
                 package = load_package(child)
-            except UNetSegError:
+            except UNetSegError as error:
+                skipped.append((child, str(error)))
+                continue
+            if folder == user_models_dir() and package.id in reserved:
+                skipped.append((child, f"its id '{package.id}' belongs to a shipped model"))
                 continue
             found.setdefault(package.id, package)
-    return sorted(found.values(), key=lambda p: (p.id != DEFAULT_MODEL_ID, p.id))
+    models = sorted(found.values(), key=lambda p: (p.id != DEFAULT_MODEL_ID, p.id))
+    return models, skipped
+
+
+def list_models() -> list[ModelPackage]:
+    """Every valid package on the search path (invalid ones are skipped); the first id wins."""
+    return scan_models()[0]
+
+
+def shipped_model_ids() -> set[str]:
+    """Ids of the models that ship with the extension; no user package may take them over."""
+    folder = shipped_models_dir()
+    ids = set()
+    for child in sorted(folder.iterdir()) if folder.is_dir() else []:
+        try:
+            ids.add(load_package(child).id)
+        except UNetSegError:
+            continue
+    return ids
 
 
 def get_model(model: str | os.PathLike | None = None) -> ModelPackage:
@@ -225,11 +248,12 @@ def import_model(source: str | os.PathLike, destination: Path | None = None,
     destination = destination or user_models_dir()
     with tempfile.TemporaryDirectory() as tmp:
         if source.is_file() and zipfile.is_zipfile(source):
-            with zipfile.ZipFile(source) as archive:
-                for member in archive.namelist():
-                    if member.startswith("/") or ".." in Path(member).parts:
-                        raise UNetSegError(f"'{source.name}' has an unsafe path '{member}'.")
-                archive.extractall(tmp)
+            try:
+                with zipfile.ZipFile(source) as archive:
+                    check_archive(archive, source.name)  # before a single byte is extracted
+                    archive.extractall(tmp)
+            except (zipfile.BadZipFile, OSError, EOFError) as error:
+                raise UNetSegError(f"'{source.name}' is a damaged zip ({error}).") from None
             candidates = [p.parent for p in Path(tmp).rglob(METADATA_FILE)]
             if len(candidates) != 1:
                 raise UNetSegError(f"'{source.name}' must hold exactly one {METADATA_FILE}.")
@@ -239,13 +263,19 @@ def import_model(source: str | os.PathLike, destination: Path | None = None,
         else:
             raise UNetSegError(f"'{source}' is neither a model package folder nor a .zip of one.")
         package = load_package(root)
+        if package.id in shipped_model_ids():
+            raise UNetSegError(f"'{package.id}' is the id of a model that ships with SlicerUNetSeg; an "
+                               "imported package cannot replace it. Give the package a new id in its "
+                               f"{METADATA_FILE} and import it again.")
         for weights in package.weight_files:
             path = package.path / weights["file"]
             if not path.is_file() or sha256_of(path) != weights["sha256"]:
                 raise UNetSegError(f"The weights of '{package.id}' ({weights['file']}) are missing or "
                                    "do not match the checksum in its metadata; the package is damaged.")
+        check_package_runs(package)
         target = destination / package.id
-        if target.exists() and not overwrite:
+        installed = target.exists() or target.is_symlink()
+        if installed and not overwrite:
             raise UNetSegError(f"A model '{package.id}' is already installed at '{target}'. Use "
                                "--overwrite to replace it.")
         destination.mkdir(parents=True, exist_ok=True)
@@ -253,7 +283,9 @@ def import_model(source: str | os.PathLike, destination: Path | None = None,
         try:
             for name in [METADATA_FILE] + [w["file"] for w in package.weight_files]:
                 shutil.copy2(root / name, staging / name)
-            if target.exists():
+            if target.is_symlink():  # replace the link, never the folder it points to
+                target.unlink()
+            elif target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)
         except BaseException:

@@ -77,6 +77,43 @@ def validate_network(architecture: str, spatial_dims: int, params: dict[str, Any
         _check_value(name, value)
 
 
+def _stride_product(strides: list, spatial_dims: int) -> list[int]:
+    """Per-axis product of a list of strides (each an int or one value per axis, tensor order)."""
+    factor = [1] * spatial_dims
+    for stride in strides:
+        per_axis = stride if isinstance(stride, (list, tuple)) else [stride] * spatial_dims
+        factor = [f * int(s) for f, s in zip(factor, per_axis)]
+    return factor
+
+
+def downsampling_factors(architecture: str, spatial_dims: int, params: dict[str, Any]) -> list[int]:
+    """How much the network shrinks each axis at its bottom, in tensor order (z, y, x) or (y, x).
+
+    A window whose size is not a multiple of this breaks the skip connections (a shape mismatch deep
+    inside MONAI), so model packages are checked against it before anything runs.
+    """
+    if architecture in ("UNet", "AttentionUnet"):
+        return _stride_product(params.get("strides", [2, 2, 2]), spatial_dims)
+    if architecture == "DynUNet":
+        return _stride_product(params.get("strides", [1, 2, 2, 2, 2]), spatial_dims)
+    if architecture == "SegResNet":
+        return [2 ** (len(params.get("blocks_down", [1, 2, 2, 4])) - 1)] * spatial_dims
+    return [16] * spatial_dims  # BasicUNet, BasicUNetPlusPlus and VNet pool four times by 2
+
+
+def check_patch_fits(architecture: str, spatial_dims: int, params: dict[str, Any],
+                     patch_xyz: list[int]) -> None:
+    """Raise UNetSegError unless sliding windows of ``patch_xyz`` (x, y, z) can pass the network."""
+    if spatial_dims == 2 and patch_xyz[2] != 1:
+        raise UNetSegError(f"A 2D network runs on single slices: patch_size must end in 1, not "
+                           f"{patch_xyz}.")
+    factors_xyz = downsampling_factors(architecture, spatial_dims, params)[::-1] + [1] * (3 - spatial_dims)
+    if any(size % factor for size, factor in zip(patch_xyz, factors_xyz)):
+        raise UNetSegError(f"patch_size {patch_xyz} (x, y, z) does not fit the {architecture} network, "
+                           f"which downsamples by {factors_xyz}: each window axis must be a multiple "
+                           "of that.")
+
+
 def build_network(architecture: str, spatial_dims: int, in_channels: int, out_channels: int,
                   params: dict[str, Any] | None = None):
     """Instantiate a MONAI network (imports torch and monai)."""

@@ -113,7 +113,8 @@ def cmd_train(args) -> int:
     # Everything that can be checked is checked before the first iteration (and before the run
     # folder is made): hours of training must not end in a refusal.
     check_arguments(settings)
-    check_dataset(args.dataset)
+    for folder in [args.dataset, *(settings.get("extra_datasets") or [])]:
+        check_dataset(folder)
     settings["dataset"], settings["output"] = Path(args.dataset), Path(args.output)
     package = Trainer(TrainConfig(**settings)).run()
     print(f"Model package: {package}")

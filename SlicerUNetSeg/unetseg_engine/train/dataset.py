@@ -117,31 +117,22 @@ def load_dataset(root: str | Path) -> Dataset:
     if not cases:
         raise UNetSegError(f"No labelled cases found in '{root / 'labelsTr'}' (file ending {ending}).")
     if meta.get("partial_labels"):
-        labelled = read_partial_labels(root / meta["partial_labels"], meta)
+        labelled = read_partial_labels(root / meta["partial_labels"])
         for case in cases:
             case.labelled = labelled.get(case.name)
     return Dataset(root, meta, cases)
 
 
-def read_partial_labels(path: Path, meta: dict[str, Any]) -> dict[str, list[int]]:
-    """The ``partial_labels`` file: case name -> contoured label values (all known foreground)."""
-    if not path.is_file():
-        raise UNetSegError(f"dataset.json names partial_labels file '{path.name}', which is not in "
-                           f"{path.parent}.")
+def read_partial_labels(path: Path) -> dict[str, list[int]]:
+    """The ``partial_labels`` file: case name -> contoured label values. Its contents are checked in
+    full (cases exist, values are labels, label maps hold nothing else) by ``checks.check_dataset``,
+    which ``unetseg train`` runs first; here only what is needed to read it."""
     try:
         table = json.loads(path.read_text())
-    except ValueError as error:
-        raise UNetSegError(f"{path} is not valid JSON: {error}") from None
-    known = {int(v) for v in meta["labels"].values()} - {0}
-    if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
-        raise UNetSegError(f"{path} must map each case name to a list of label values, e.g. "
-                           '{"case_1": [1, 3]}.')
-    problems = [f"{name}: {sorted(set(map(int, values)) - known)}" for name, values in table.items()
-                if not set(map(int, values)) <= known]
-    if problems:
-        raise UNetSegError(f"{path} lists label values that dataset.json does not define (known: "
-                           f"{sorted(known)}): {'; '.join(problems[:10])}")
-    return {name: sorted(set(map(int, values))) for name, values in table.items()}
+        return {str(name): sorted({int(v) for v in values}) for name, values in table.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise UNetSegError(f"The partial_labels file {path} must be a JSON object mapping each case "
+                           f'to its contoured label values, e.g. {{"case_1": [1, 3]}} ({error}).') from None
 
 
 def fingerprint(dataset: Dataset, cases: list[Case], crop_threshold: float | None) -> dict[str, Any]:

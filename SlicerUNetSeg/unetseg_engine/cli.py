@@ -64,7 +64,8 @@ def cmd_segment(args) -> int:
 
     segment_files(args.inputs, args.output, model=args.model, device=args.device,
                   window=_window(args.window), overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                  tta=args.tta, postprocess=not args.no_postprocess, quiet=args.quiet)
+                  tta=args.tta, postprocess=not args.no_postprocess, quiet=args.quiet,
+                  output_type=args.output_type)
     return 0
 
 
@@ -127,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="segment a scan (NIfTI/NRRD/MHA file or DICOM folder)")
     p.add_argument("inputs", nargs="+", help="input volume(s); one per model input channel")
     p.add_argument("-o", "--output", required=True,
-                   help="output: .nii.gz/.nrrd/.mha label map, or .seg.nrrd Slicer segmentation")
+                   help="output: .nii.gz/.nrrd/.mha label map, .seg.nrrd Slicer segmentation, or .dcm "
+                        "DICOM SEG (needs a DICOM series as input)")
+    p.add_argument("--output-type", dest="output_type", choices=["seg.nrrd", "nii.gz", "nrrd", "mha",
+                                                                  "dicom-seg"],
+                   help="what to write (default: from the output's name)")
     p.add_argument("--model", help="model id or package folder (default: the shipped default model)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--window", help="CT window LEVEL,WIDTH in HU, overriding the model's for this run")

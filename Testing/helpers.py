@@ -144,5 +144,5 @@ def write_ct_series(image, folder: Path, *, skip: tuple[int, ...] = (),
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
         ds.PixelData = np.ascontiguousarray(array[k].astype(np.int16)).tobytes()
-        ds.save_as(folder / f"CT{k + 1:04d}.dcm", enforce_file_format=True)
+        ds.save_as(folder / f"{modality}{k + 1:04d}.dcm", enforce_file_format=True)
     return study

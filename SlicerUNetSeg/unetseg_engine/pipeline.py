@@ -107,6 +107,16 @@ def write_result(result, out_path: Path, kind: str, dicom=None) -> list[str]:
     return []
 
 
+def load_predictor(package, **knobs):
+    """A ``Predictor`` with ``knobs`` (device, overlap, sw_batch_size, tta, postprocess) and
+    ``package`` loaded: what ``segment`` uses once and ``batch`` keeps warm over every study."""
+    from .inference import Predictor
+
+    predictor = Predictor(**knobs)
+    predictor.load(package)
+    return predictor
+
+
 def run_one(predictor, images, out_path: Path, kind: str, *, window=None, progress=None,
             dicom=None) -> tuple[object, dict[str, float], list[str]]:
     """Segment already-read ``images`` with a loaded ``predictor`` and write the result: the step
@@ -149,13 +159,10 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
     images = [read_image(p) for p in inputs]
     timings["read_s"] = time.perf_counter() - t
 
-    from .inference import Predictor
-
     t = time.perf_counter()
     progress("loading model", 0.0)
-    predictor = Predictor(device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta,
-                          postprocess=postprocess)
-    predictor.load(package)
+    predictor = load_predictor(package, device=device, overlap=overlap, sw_batch_size=sw_batch_size,
+                               tta=tta, postprocess=postprocess)
     timings["load_model_s"] = time.perf_counter() - t
     result, run_timings, notes = run_one(predictor, images, out_path, kind, window=window,
                                          progress=progress, dicom=dicom)

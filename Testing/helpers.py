@@ -89,3 +89,60 @@ def make_package(folder: Path, meta: dict, seed: int = 0, bias: dict[int, float]
         for channel, value in bias.items():
             state[last_bias][channel] += value
     return write_package(folder, meta, state)
+
+
+def write_ct_series(image, folder: Path, *, skip: tuple[int, ...] = (),
+                    shift_mm: dict[int, float] | None = None, study_uid: str | None = None,
+                    modality: str = "CT") -> dict:
+    """Write ``image`` (HU, any direction) as a CT Image Storage series of one file per slice, with the
+    attributes a clinical series has (patient, study, series and frame-of-reference UIDs, positions,
+    orientation, spacing, thickness, rescale).
+
+    ``skip`` leaves slices out (a series with missing slices); ``shift_mm`` moves slices along the
+    normal (a varying spacing). Returns the patient/study attributes written, for comparison.
+    """
+    import numpy as np
+    import SimpleITK as sitk
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    array = sitk.GetArrayFromImage(image)  # (k, j, i)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    spacing, origin = np.array(image.GetSpacing()), np.array(image.GetOrigin())
+    study = {"PatientName": "Test^Series", "PatientID": "UNETSEG-0001", "PatientBirthDate": "19600101",
+             "PatientSex": "F", "StudyInstanceUID": study_uid or generate_uid(),
+             "StudyDate": "20240102", "StudyTime": "101500", "AccessionNumber": "ACC0001",
+             "StudyID": "S1", "ReferringPhysicianName": "Doctor^Referring"}
+    series_uid, frame_uid = generate_uid(), generate_uid()
+    for k in range(array.shape[0]):
+        if k in skip:
+            continue
+        position = origin + direction[:, 2] * spacing[2] * k
+        position = position + direction[:, 2] * (shift_mm or {}).get(k, 0.0)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SOPClassUID = CTImageStorage
+        for key, value in study.items():
+            setattr(ds, key, value)
+        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = modality, series_uid, 3
+        ds.SeriesDescription, ds.FrameOfReferenceUID = "unetseg test series", frame_uid
+        ds.PositionReferenceIndicator, ds.PatientPosition = "", "HFS"
+        ds.Manufacturer, ds.InstanceNumber, ds.AcquisitionNumber = "Test", k + 1, 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.KVP, ds.SliceThickness = 120, round(float(spacing[2]), 6)
+        ds.ImagePositionPatient = [round(float(v), 4) for v in position]
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in
+                                      (*direction[:, 0], *direction[:, 1])]
+        # row spacing (j), then column spacing (i); DS values hold at most 16 characters
+        ds.PixelSpacing = [round(float(spacing[1]), 6), round(float(spacing[0]), 6)]
+        ds.Rows, ds.Columns = array.shape[1], array.shape[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
+        ds.PixelData = np.ascontiguousarray(array[k].astype(np.int16)).tobytes()
+        ds.save_as(folder / f"{modality}{k + 1:04d}.dcm", enforce_file_format=True)
+    return study

@@ -1,4 +1,4 @@
-"""The ``unetseg`` command line: models, segment, import-model, ensemble, train, evaluate, benchmark.
+"""The ``unetseg`` command line: models, segment, batch, import-model, ensemble, train, evaluate, benchmark.
 
 Errors the user can fix print one line (``unetseg: error: ...``) and exit with status 2; nothing is
 written in that case.
@@ -66,8 +66,15 @@ def cmd_segment(args) -> int:
 
     segment_files(args.inputs, args.output, model=args.model, device=args.device,
                   window=_window(args.window), overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                  tta=args.tta, postprocess=not args.no_postprocess, quiet=args.quiet)
+                  tta=args.tta, postprocess=not args.no_postprocess, quiet=args.quiet,
+                  output_type=args.output_type)
     return 0
+
+
+def cmd_batch(args) -> int:
+    from .batch import batch_cli
+
+    return batch_cli(args)
 
 
 def cmd_ensemble(args) -> int:
@@ -144,7 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="segment a scan (NIfTI/NRRD/MHA file or DICOM folder)")
     p.add_argument("inputs", nargs="+", help="input volume(s); one per model input channel")
     p.add_argument("-o", "--output", required=True,
-                   help="output: .nii.gz/.nrrd/.mha label map, or .seg.nrrd Slicer segmentation")
+                   help="output: .nii.gz/.nrrd/.mha label map, .seg.nrrd Slicer segmentation, or .dcm "
+                        "DICOM SEG (needs a DICOM series as input)")
+    p.add_argument("--output-type", dest="output_type", choices=["seg.nrrd", "nii.gz", "nrrd", "mha",
+                                                                  "dicom-seg"],
+                   help="what to write (default: from the output's name)")
     p.add_argument("--model", help="model id or package folder (default: the shipped default model)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--window", help="CT window LEVEL,WIDTH in HU, overriding the model's for this run")
@@ -154,6 +165,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-postprocess", action="store_true", help="skip the model's postprocessing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("batch", help="segment every scan under a folder (files and DICOM series) with "
+                                      "one loaded model; resumable, with a summary CSV")
+    p.add_argument("input_root", help="folder searched recursively: NIfTI/NRRD/MHA files, DICOM series")
+    p.add_argument("-o", "--output", required=True, help="output root: a folder per scan, summary.csv")
+    p.add_argument("--model", help="model id or package folder (default: the shipped default model)")
+    p.add_argument("--modality", help="DICOM series to take (default: the model's modality; 'any')")
+    p.add_argument("--output-type", dest="output_type", default="seg.nrrd",
+                   choices=["seg.nrrd", "nii.gz", "dicom-seg"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--window", help="CT window LEVEL,WIDTH in HU, overriding the model's")
+    p.add_argument("--overlap", type=float, help="sliding-window overlap (0-1, default: the model's)")
+    p.add_argument("--sw-batch-size", type=int, help="windows per network call")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower)")
+    p.add_argument("--no-postprocess", action="store_true", help="skip the model's postprocessing")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("import-model", help="validate a model package (folder or .zip) and install it")
     p.add_argument("package")

@@ -43,6 +43,9 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise UNetSegError(f"Folder '{folder}' holds {len(series_ids)} DICOM series; put one series "
                            "per folder (or convert it to NIfTI) and try again.")
     files = reader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    from .dicomseries import check_slice_geometry
+
+    check_slice_geometry(files)  # refuses missing slices and varying spacing (the reader would stretch)
     reader.SetFileNames(files)
     return reader.Execute()
 

@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 
 from .errors import UNetSegError
-from .imageio import SEG_EXTENSION, check_output_path, read_image, write_label_map
+from .imageio import LABEL_EXTENSIONS, SEG_EXTENSION, check_output_path, read_image, write_label_map
+
+DICOM_EXTENSION = ".dcm"
 
 
 class TerminalProgress:
@@ -41,10 +43,99 @@ class TerminalProgress:
             self.stream.write("\n")
 
 
+# --output-type values, and the file name ending each implies
+OUTPUT_TYPES = {"seg.nrrd": SEG_EXTENSION, "nii.gz": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha",
+                "dicom-seg": DICOM_EXTENSION}
+
+
+def output_kind(output: str | Path, output_type: str | None = None) -> str:
+    """What to write: 'dicom-seg', 'seg.nrrd' or 'label' (a label map), from ``--output-type`` or, when
+    that is not given, the output's name (``.dcm`` is a DICOM SEG). Conflicts are errors."""
+    name = Path(output).name.lower()
+    inferred = ("dicom-seg" if name.endswith(DICOM_EXTENSION) else "seg.nrrd" if name.endswith(SEG_EXTENSION)
+                else "label" if name.endswith(LABEL_EXTENSIONS) else None)
+    if output_type is None:
+        return inferred or "label"  # an unknown ending is refused by check_output_path, as before
+    if output_type not in OUTPUT_TYPES:
+        raise UNetSegError(f"Unknown output type '{output_type}': use one of {', '.join(OUTPUT_TYPES)}.")
+    wanted = output_type if output_type in ("dicom-seg", "seg.nrrd") else "label"
+    if inferred is not None and inferred != wanted or inferred is None and wanted != "dicom-seg":
+        raise UNetSegError(f"The output '{Path(output).name}' does not match --output-type {output_type}; "
+                           f"name it ...{OUTPUT_TYPES[output_type]}.")
+    return wanted
+
+
+def check_output(output: str | Path, kind: str) -> Path:
+    """The output path, checked before any slow work."""
+    if kind != "dicom-seg":
+        return check_output_path(output)
+    path = Path(output)
+    if not path.parent.is_dir():
+        raise UNetSegError(f"The output folder '{path.parent}' does not exist; create it first.")
+    return path
+
+
+def dicom_source(input_path: str | Path):
+    """The DICOM series (and its headers) a DICOM SEG output will reference: the input must be one."""
+    from .dicomseg import read_source_headers
+    from .dicomseries import one_series
+
+    path = Path(input_path)
+    if not path.is_dir():
+        raise UNetSegError(f"DICOM SEG output needs a DICOM series folder as input; '{path.name}' is "
+                           f"{'a file' if path.exists() else 'not there'}. Write .seg.nrrd or a label "
+                           "map (.nii.gz) instead, or give the folder of the original DICOM series.")
+    series = one_series(path)
+    return series, read_source_headers(series)
+
+
+def write_result(result, out_path: Path, kind: str, dicom=None) -> list[str]:
+    """Write ``result`` as ``kind`` (see ``output_kind``); returns notes for the user."""
+    if kind == "seg.nrrd":
+        from .segfile import write_seg_nrrd
+
+        write_seg_nrrd(out_path, result.label_map, result.model.labels, result.masks)
+        return []
+    if kind == "dicom-seg":
+        from .dicomseg import write_dicom_seg
+
+        series, datasets = dicom
+        empty = write_dicom_seg(out_path, result.label_map, result.model.labels, series,
+                                result.model.meta, result.masks, datasets)
+        return [f"no voxels for {', '.join(empty)} (empty segments in the DICOM SEG)"] if empty else []
+    write_label_map(result.label_map, out_path)
+    return []
+
+
+def load_predictor(package, **knobs):
+    """A ``Predictor`` with ``knobs`` (device, overlap, sw_batch_size, tta, postprocess) and
+    ``package`` loaded: what ``segment`` uses once and ``batch`` keeps warm over every study."""
+    from .inference import Predictor
+
+    predictor = Predictor(**knobs)
+    predictor.load(package)
+    return predictor
+
+
+def run_one(predictor, images, out_path: Path, kind: str, *, window=None, progress=None,
+            dicom=None) -> tuple[object, dict[str, float], list[str]]:
+    """Segment already-read ``images`` with a loaded ``predictor`` and write the result: the step
+    ``segment`` and ``batch`` share. Returns (result, timings, notes)."""
+    result = predictor.predict(images, window=window, progress=progress)
+    timings = dict(result.timings)
+    t = time.perf_counter()
+    if progress:
+        progress("writing output", 0.0)
+    notes = list(result.messages) + write_result(result, out_path, kind, dicom)
+    timings["write_s"] = time.perf_counter() - t
+    return result, timings, notes
+
+
 def segment_files(inputs: list[str], output: str, *, model: str | None = None, device: str = "auto",
                   window=None, overlap=None, sw_batch_size=None, tta: bool = False,
-                  postprocess: bool = True, quiet: bool = False):
-    """Read the inputs, segment them, and write ``output`` (label map or .seg.nrrd) atomically.
+                  postprocess: bool = True, quiet: bool = False, output_type: str | None = None):
+    """Read the inputs, segment them, and write ``output`` (label map, .seg.nrrd or DICOM SEG)
+    atomically.
 
     Every check (output folder, model, inputs) runs before the slow work, so bad input fails fast
     and leaves no file behind.
@@ -53,43 +144,33 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    out_path = check_output_path(output)
+    kind = output_kind(output, output_type)
+    out_path = check_output(output, kind)
     package = get_model(model)
     n_expected = len(package.meta["inputs"])
     if len(inputs) != n_expected:
         names = ", ".join(i["name"] for i in package.meta["inputs"])
         raise UNetSegError(f"Model '{package.id}' takes {n_expected} input volume(s) ({names}); "
                            f"{len(inputs)} were given.")
+    dicom = dicom_source(inputs[0]) if kind == "dicom-seg" else None
     progress = TerminalProgress(quiet=quiet)
     progress("reading input", 0.0)
     t = time.perf_counter()
     images = [read_image(p) for p in inputs]
     timings["read_s"] = time.perf_counter() - t
 
-    from .inference import Predictor
-
     t = time.perf_counter()
     progress("loading model", 0.0)
-    predictor = Predictor(device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta,
-                          postprocess=postprocess)
-    predictor.load(package)
+    predictor = load_predictor(package, device=device, overlap=overlap, sw_batch_size=sw_batch_size,
+                               tta=tta, postprocess=postprocess)
     timings["load_model_s"] = time.perf_counter() - t
-    result = predictor.predict(images, window=window, progress=progress)
-    timings.update(result.timings)
-
-    t = time.perf_counter()
-    progress("writing output", 0.0)
-    if out_path.name.lower().endswith(SEG_EXTENSION):
-        from .segfile import write_seg_nrrd
-
-        write_seg_nrrd(out_path, result.label_map, package.labels, result.masks)
-    else:
-        write_label_map(result.label_map, out_path)
-    timings["write_s"] = time.perf_counter() - t
+    result, run_timings, notes = run_one(predictor, images, out_path, kind, window=window,
+                                         progress=progress, dicom=dicom)
+    timings.update(run_timings)
     timings["total_s"] = time.perf_counter() - t0
     progress.finish()
     if not quiet:
-        for message in result.messages:
+        for message in notes:
             print(f"note: {message}", file=sys.stderr)
         stages = "  ".join(f"{k[:-2]} {v:.2f}s" for k, v in timings.items() if k != "total_s")
         print(f"Segmented {Path(inputs[0]).name} with '{package.id}' on {result.device} in "

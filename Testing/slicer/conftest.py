@@ -38,11 +38,18 @@ def modelsDir(tmp_path_factory):
             os.environ[key] = value
 
 
+LAUNCHER = Path(__file__).resolve().parent / "fakeLauncher.py"
+
+
 @pytest.fixture(scope="session")
 def logic(modelsDir):
-    from SlicerUNetSegLib.logic import SlicerUNetSegLogic
+    """The worker starts through a launcher, as PythonSlicer starts python-real in Slicer."""
+    import sys
 
-    instance = SlicerUNetSegLogic()
+    from SlicerUNetSegLib.logic import SlicerUNetSegLogic
+    from SlicerUNetSegLib.workerRunner import WorkerRunner
+
+    instance = SlicerUNetSegLogic(runner=WorkerRunner(python=[sys.executable, str(LAUNCHER)]))
     yield instance
     instance.shutdown()
 

@@ -186,19 +186,22 @@ def test_errors_leave_the_scene_unchanged(logic, ct, scene):
 
 
 def test_worker_crash_is_reported_and_slicer_survives(logic, ct, scene):
+    """The kernel's out-of-memory killer picks the engine's process, the launcher's child; the
+    launcher then exits with 1 after saying so, and that is what the runner sees."""
     state = sceneState(scene)
     killed = []
 
     def progress(stage, fraction):
         if stage == "inference" and not killed:
-            killed.append(logic.runner.pid)
-            os.kill(logic.runner.pid, signal.SIGKILL)  # what the kernel does when memory runs out
+            killed.append((logic.runner.pid, logic.runner.workerPid))
+            assert killed[0][0] != killed[0][1]  # launcher and worker
+            os.kill(logic.runner.workerPid, signal.SIGKILL)  # what the kernel does when memory runs out
 
     with pytest.raises(UNetSegError, match="stopped unexpectedly.*out of memory"):
         logic.process(ct, None, TINY_MODEL_ID, device="cpu", overlap=0.9, onProgress=progress)
     assert sceneState(scene) == state
     assert logic.process(ct, None, TINY_MODEL_ID, device="cpu") is not None  # a fresh worker
-    assert logic.runner.pid != killed[0]
+    assert logic.runner.pid != killed[0][0] and logic.runner.workerPid != killed[0][1]
 
 
 def test_linear_transform_and_study_placement(logic, ct, scene):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import slicer
 import vtk
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleTest,
@@ -19,22 +21,28 @@ from slicer.util import VTKObservationMixin
 
 from SlicerUNetSegLib import dependencies, panelText
 from SlicerUNetSegLib.logic import SlicerUNetSegLogic  # noqa: F401  (Slicer looks it up here)
-from SlicerUNetSegLib.parameters import INPUT_PARAMETERS, SlicerUNetSegParameterNode  # noqa: F401
+from SlicerUNetSegLib.parameters import (  # noqa: F401
+    INPUT_PARAMETERS,
+    SlicerUNetSegParameterNode,
+    clampWindow,
+)
 from unetseg_engine.errors import UNetSegError
 
 
 class SlicerUNetSeg(ScriptedLoadableModule):
     def __init__(self, parent) -> None:
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "UNet Segmentation"
-        self.parent.categories = ["Segmentation"]
+        # As Slicer's module template does: _() marks text for translation, and the category is
+        # translated in Slicer's own context so that it merges with the translated "Segmentation".
+        self.parent.title = _("UNet Segmentation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["SlicerUNetSeg contributors"]
-        self.parent.helpText = (
+        self.parent.helpText = _(
             "Segment organs on CT or MR scans with U-Net models. Choose the input volume and a model, "
             "press Segment; the result is a segmentation ready for Segment Editor. The intensity window "
             "only affects preprocessing. See https://github.com/slicerunetseg/SlicerUNetSeg.")
-        self.parent.acknowledgementText = (
+        self.parent.acknowledgementText = _(
             "Built on MONAI and PyTorch. The default model was trained on OpenKBP (Babier et al., Med. "
             "Phys. 2021) with images from The Cancer Imaging Archive.")
 
@@ -184,9 +192,10 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 label.setText(f"Input volume ({channels[i]}):" if len(channels) > 1 else "Input volume:")
         hasWindow = bool(model and model["default_window"])
         override = hasWindow and node.overrideWindow
-        if hasWindow and not node.overrideWindow and [node.windowLevel, node.windowWidth] != \
-                list(model["default_window"]):
-            node.windowLevel, node.windowWidth = model["default_window"]  # shows the model's window
+        if hasWindow and not node.overrideWindow and (node.windowLevel, node.windowWidth) != \
+                clampWindow(*model["default_window"]):
+            with slicer.util.NodeModify(node):  # shows the model's window
+                node.windowLevel, node.windowWidth = clampWindow(*model["default_window"])
         self.ui.overrideWindowCheckBox.setEnabled(hasWindow)
         for widget in (self.ui.windowLevelSpinBox, self.ui.windowWidthSpinBox, self.ui.windowPresetComboBox):
             widget.setEnabled(override)
@@ -219,18 +228,25 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         model = self.models[index]
         node = self._parameterNode
-        wasModified = node.parameterNode.StartModify()
-        node.modelId = model["id"]
-        if model["default_window"]:
-            node.overrideWindow = False
-            node.windowLevel, node.windowWidth = model["default_window"]
-        volumes = [(v.GetName(), v) for v in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-                   if not v.IsA("vtkMRMLLabelMapVolumeNode")]
-        current = [getattr(node, name) for name in INPUT_PARAMETERS]
-        for name, volume in zip(INPUT_PARAMETERS, panelText.matchVolumesToChannels(
-                model["inputs"], volumes, current)):
-            setattr(node, name, volume)
-        node.parameterNode.EndModify(wasModified)
+        window = clampWindow(*model["default_window"]) if model["default_window"] else None
+        if window is not None and window != tuple(float(v) for v in model["default_window"]):
+            # the model's own window goes to preprocessing unchanged; only the panel shows it clamped
+            self.log(f"Note: model '{model['id']}' has the window {model['default_window'][0]:g} / "
+                     f"{model['default_window'][1]:g}, outside what the panel can show; it shows "
+                     f"{window[0]:g} / {window[1]:g}.")
+        # NodeModify ends the modification even when a setter raises: otherwise the parameter node
+        # would stop sending Modified events and the panel would freeze
+        with slicer.util.NodeModify(node):
+            node.modelId = model["id"]
+            if window is not None:
+                node.overrideWindow = False
+                node.windowLevel, node.windowWidth = window
+            volumes = [(v.GetName(), v) for v in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                       if not v.IsA("vtkMRMLLabelMapVolumeNode")]
+            current = [getattr(node, name) for name in INPUT_PARAMETERS]
+            for name, volume in zip(INPUT_PARAMETERS, panelText.matchVolumesToChannels(
+                    model["inputs"], volumes, current)):
+                setattr(node, name, volume)
 
     def onDeviceChanged(self, index) -> None:
         if self._parameterNode and 0 <= index < len(panelText.DEVICE_CHOICES):
@@ -287,8 +303,9 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not dependencies.ensureDependencies(self.confirm, self.log):
                 self.log("Segmentation needs the Python packages listed above; not installed.")
                 return
-        except RuntimeError as error:
-            self.showError(str(error))
+        except dependencies.DependencyError as error:
+            self.log(f"Failed: {error}")
+            self.showError(str(error), getattr(error, "details", None))
             return
         output = node.outputSegmentation
         replace = False
@@ -299,9 +316,9 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             replace = True
         window = [node.windowLevel, node.windowWidth] if node.overrideWindow else None
-        if self.logic.environment is None:
-            self.logic.requestEnvironment(self.onEnvironment)
         try:
+            if self.logic.environment is None:
+                self.logic.requestEnvironment(self.onEnvironment)  # starts the worker
             self.logic.startSegmentation(
                 [getattr(node, name) for name in INPUT_PARAMETERS[:len(model["inputs"])]], output,
                 model["id"], node.device, window, replaceExisting=replace, onProgress=self.onProgress,

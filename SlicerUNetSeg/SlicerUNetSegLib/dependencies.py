@@ -10,11 +10,39 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
+import subprocess
 from collections.abc import Callable
 
-MINIMUM_TORCH = "2.2"
-# What the worker imports besides torch (pyproject.toml lists the same for the command line).
-REQUIREMENTS = ["monai>=1.4", "SimpleITK>=2.3", "scipy>=1.10", "jsonschema>=4.18", "numpy>=1.24"]
+# With torch 2.2 to 2.4.0 pip can only choose monai 1.4.0, which requires numpy < 2 and would
+# downgrade the numpy 2 that Slicer 5.10 ships; from 2.4.1 on it picks a MONAI that takes numpy 2.
+MINIMUM_TORCH = "2.4.1"
+# What the worker imports besides torch and SimpleITK (pyproject.toml lists them for the command line).
+# SimpleITK is not here: Slicer bundles its own build (2.5.2 in 5.10, 2.2.1 in 5.6), and a requirement
+# above the bundled version would make pip replace Slicer's copy.
+REQUIREMENTS = ["monai>=1.4", "scipy>=1.10", "jsonschema>=4.18", "numpy>=1.24"]
+
+
+class DependencyError(RuntimeError):
+    """Installation is impossible or failed; the message says what to do, ``details`` has pip's output."""
+
+    def __init__(self, message: str, details: str | None = None) -> None:
+        super().__init__(message)
+        self.details = details
+
+
+def _processDetails(error: subprocess.CalledProcessError) -> str:
+    output = [str(part) for part in (error.output, error.stderr) if part]
+    return "\n".join([f"{error}"] + output)[-4000:]
+
+
+def testingMode() -> bool:
+    """Slicer runs with --testing (the self-test, the Extensions Index): install without asking."""
+    try:
+        import slicer
+
+        return bool(slicer.app.commandOptions().testingEnabled)
+    except (ImportError, AttributeError):
+        return False
 
 
 def _versionTuple(text: str) -> tuple[int, ...]:
@@ -64,30 +92,39 @@ def missingRequirements() -> list[str]:
 def ensureDependencies(confirm: Callable[[str], bool], log: Callable[[str], None] = logging.info) -> bool:
     """Make torch and the engine's packages available; False if the user declined.
 
-    ``confirm(message)`` asks the user (the panel shows a dialog; scripts may pass ``lambda m: True``).
-    Raises RuntimeError with a message that says what to do when installation is impossible.
+    ``confirm(message)`` asks the user (the panel shows a dialog; scripts may pass ``lambda m: True``);
+    in Slicer's testing mode nothing is asked. Raises DependencyError (a RuntimeError) with a message
+    that says what to do when installation is impossible or fails.
     """
+    ask = (lambda message: True) if testingMode() else confirm
     version, _ = torchStatus()
     if version is None or _versionTuple(version) < _versionTuple(MINIMUM_TORCH):
         try:
             import PyTorchUtils  # the PyTorch extension (EXTENSION_DEPENDS)
         except ModuleNotFoundError:
-            raise RuntimeError("This module needs the PyTorch extension. Install 'PyTorch' from the "
-                               "Extensions Manager, restart Slicer, and press Segment again.") from None
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if version is None:
-            log("PyTorch is not installed; installing it through the PyTorch extension...")
-            if torchLogic.installTorch(askConfirmation=True,
-                                       torchVersionRequirement=f">={MINIMUM_TORCH}") is None:
-                return False
-        else:
-            raise RuntimeError(f"PyTorch {version} is installed but SlicerUNetSeg needs {MINIMUM_TORCH} or "
-                               "newer. Open the PyTorch Utils module, uninstall PyTorch, restart Slicer and "
-                               "press Segment again to install a current version.")
+            raise DependencyError("This module needs the PyTorch extension. Install 'PyTorch' from the "
+                                  "Extensions Manager, restart Slicer, and press Segment again.") from None
+        if version is not None:
+            raise DependencyError(
+                f"PyTorch {version} is installed but SlicerUNetSeg needs {MINIMUM_TORCH} or newer. Open "
+                "the PyTorch Utils module, uninstall PyTorch, restart Slicer and press Segment again to "
+                "install a current version.")
+        log("PyTorch is not installed; installing it through the PyTorch extension...")
+        try:
+            # PyTorchUtils asks for confirmation itself, except in testing mode
+            installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=True, torchVersionRequirement=f">={MINIMUM_TORCH}")
+        except (subprocess.CalledProcessError, OSError) as error:
+            raise DependencyError(
+                "Installing PyTorch failed. Check the network connection, then try again, or install it "
+                "from the PyTorch Utils module.", _processDetails(error) if isinstance(
+                    error, subprocess.CalledProcessError) else str(error)) from None
+        if installed is None:
+            return False
     missing = missingRequirements()
     if missing:
-        if not confirm("SlicerUNetSeg needs these Python packages: " + ", ".join(missing) +
-                       ".\nInstall them now? This needs a network connection and can take a few minutes."):
+        if not ask("SlicerUNetSeg needs these Python packages: " + ", ".join(missing) +
+                   ".\nInstall them now? This needs a network connection and can take a few minutes."):
             return False
         import slicer
 
@@ -95,9 +132,17 @@ def ensureDependencies(confirm: Callable[[str], bool], log: Callable[[str], None
         # torch comes from the PyTorch extension (the right CUDA/CPU build): pin it, so that pip picks
         # package versions that fit it instead of replacing it with another build from PyPI
         torchVersion, _ = torchStatus()
-        slicer.util.pip_install(missing + ([f"torch=={torchVersion}"] if torchVersion else []))
+        try:
+            slicer.util.pip_install(missing + ([f"torch=={torchVersion}"] if torchVersion else []))
+        except (subprocess.CalledProcessError, OSError) as error:
+            raise DependencyError(
+                "Could not install " + ", ".join(missing) + " (pip failed). Check the network "
+                "connection, or install them from the Python console with slicer.util.pip_install.",
+                _processDetails(error) if isinstance(error, subprocess.CalledProcessError) else str(error)
+            ) from None
         still = missingRequirements()
         if still:
-            raise RuntimeError("Could not install " + ", ".join(still) + ". Check the network connection, "
-                               "or install them from the Python console with slicer.util.pip_install.")
+            raise DependencyError("Could not install " + ", ".join(still) + ". Check the network "
+                                  "connection, or install them from the Python console with "
+                                  "slicer.util.pip_install.")
     return True

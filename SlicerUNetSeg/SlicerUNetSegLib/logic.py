@@ -228,13 +228,12 @@ class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
             if node is None:
                 created = node = volume.GetScene().AddNewNodeByClass(
                     "vtkMRMLSegmentationNode", f"{volume.GetName()} {job.model.id}")
-            wasModified = node.StartModify()
-            # Under the volume's transform first: the reference geometry is computed relative to the
-            # segmentation's own transform, so setting it afterwards would apply the transform twice.
-            node.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
-            node.GetSegmentation().DeepCopy(staging.GetSegmentation())
-            node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-            node.EndModify(wasModified)
+            with slicer.util.NodeModify(node):  # ends the modification even if a call raises
+                # Under the volume's transform first: the reference geometry is computed relative to
+                # the segmentation's own transform, so setting it afterwards would apply it twice.
+                node.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
+                node.GetSegmentation().DeepCopy(staging.GetSegmentation())
+                node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
             if node.GetDisplayNode() is None:
                 node.CreateDefaultDisplayNodes()
             placeLikeVolume(node, volume)

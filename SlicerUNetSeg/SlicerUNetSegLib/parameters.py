@@ -13,6 +13,16 @@ from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 MAX_INPUTS = 4
 INPUT_PARAMETERS = ("inputVolume", "inputVolume2", "inputVolume3", "inputVolume4")
 DEVICES = ("auto", "cuda", "cpu")
+# Slicer's WithinRange raises ValueError outside these, so a model's window is clamped to them
+# (clampWindow) before it is written; the model schema bounds a package's window the same way.
+WINDOW_LEVEL_RANGE = (-3000.0, 3000.0)
+WINDOW_WIDTH_RANGE = (1.0, 8000.0)
+
+
+def clampWindow(level: float, width: float) -> tuple[float, float]:
+    """(level, width) moved into the ranges the parameter node accepts."""
+    return (min(max(float(level), WINDOW_LEVEL_RANGE[0]), WINDOW_LEVEL_RANGE[1]),
+            min(max(float(width), WINDOW_WIDTH_RANGE[0]), WINDOW_WIDTH_RANGE[1]))
 
 
 @parameterNodeWrapper
@@ -30,7 +40,7 @@ class SlicerUNetSegParameterNode:
     modelId: str = ""
     overrideWindow: bool = False
     # the ranges go on the spin boxes (connectGui replaces the .ui's range with these, or -inf..inf)
-    windowLevel: Annotated[float, WithinRange(-3000.0, 3000.0)] = 40.0
-    windowWidth: Annotated[float, WithinRange(1.0, 8000.0)] = 400.0
+    windowLevel: Annotated[float, WithinRange(*WINDOW_LEVEL_RANGE)] = 40.0
+    windowWidth: Annotated[float, WithinRange(*WINDOW_WIDTH_RANGE)] = 400.0
     device: str = "auto"
 

@@ -7,6 +7,14 @@ the GUI for the interpreter. In a child process the GUI only polls a queue (the 
 
 The logic depends on the ``InferenceRunner`` protocol, not on this class, so it can be driven by a
 stand-in (as SlicerNNUnet injects its process runner).
+
+A worker is a process *tree*. In Slicer, ``PythonSlicer`` is the CTK application launcher: it sets up
+the environment and runs ``bin/python-real`` as its child, forwarding stdin, stdout and stderr, and
+exits with 1 after printing ``error: [...] exit abnormally`` when that child crashes (CTK's
+``ctkAppLauncher::applicationFinished``). So stopping a worker closes its stdin first (it exits on end
+of input), then kills the whole tree: its process group on POSIX (the worker is started in a session
+of its own), and every psutil descendant where psutil is available (Windows). Each started worker is
+a ``_Worker`` object, and events are matched to it by identity: ``id()`` of a dead Popen is reused.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +31,8 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
+
+from unetseg_engine.errors import UNetSegError
 
 MODULE_DIR = Path(__file__).resolve().parent.parent  # holds the unetseg_engine package
 
@@ -54,23 +65,85 @@ def pythonExecutable() -> str:
     return found or sys.executable
 
 
+# Exit codes of a process killed for memory: SIGKILL / SIGABRT as Popen reports them and as shells
+# report them, and Windows' access violation.
+KILLED_EXIT_CODES = (-9, 137, -6, 134, 3221225477)
+# What the CTK launcher (PythonSlicer) prints on stderr when its child crashed; it then exits with 1.
+LAUNCHER_CRASH_TEXT = "exit abnormally"
+OUT_OF_MEMORY_HINT = (" It was probably out of memory: close other programs, crop the volume, or choose "
+                      "the GPU or CPU device with more memory.")
+
+
+class _Worker:
+    """One started worker process (tree). Compared by identity; ``generation`` counts starts."""
+
+    def __init__(self, popen: subprocess.Popen, generation: int) -> None:
+        self.popen = popen
+        self.generation = generation
+        self.pid: int | None = None  # the engine's own process (python-real under Slicer's launcher)
+        self.stderrTail: deque[str] = deque(maxlen=40)
+        self.stderrDone = threading.Event()
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+def killProcessTree(popen: subprocess.Popen) -> None:
+    """Kill a process and all its descendants without waiting for them (the reader thread reaps).
+
+    Descendants are listed before anything is killed: once the launcher is dead its children are
+    re-parented and no longer found under it.
+    """
+    descendants = []
+    try:
+        import psutil
+
+        try:
+            descendants = psutil.Process(popen.pid).children(recursive=True)
+        except psutil.Error:
+            pass
+    except ImportError:
+        psutil = None
+    if sys.platform != "win32":
+        try:
+            os.killpg(popen.pid, signal.SIGKILL)  # the worker leads its own process group
+        except OSError:
+            pass
+    elif psutil is None and popen.poll() is None:
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(popen.pid)], capture_output=True,
+                       creationflags=subprocess.CREATE_NO_WINDOW, check=False)
+    for child in descendants:
+        try:
+            child.kill()  # psutil checks the creation time: a reused pid is not killed
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    try:
+        popen.kill()
+    except OSError:
+        pass
+
+
 class WorkerRunner:
     """The engine's worker as a child process, talked to through JSON lines.
 
     A reader thread per pipe turns the worker's stdout into events and keeps the tail of its stderr for
-    error messages; ``poll`` hands the events over on the caller's (GUI) thread. Cancel sends a cancel
-    message; if the worker has not answered within ``cancelGraceS`` it is killed, and the next request
-    starts a new one.
+    error messages; ``poll`` hands the events over on the caller's (GUI) thread and never blocks. Cancel
+    sends a cancel message; if the worker has not answered within ``cancelGraceS`` its process tree is
+    killed, and the next request starts a new one.
+
+    ``python`` is the interpreter command (a path, or a list such as a launcher and its arguments);
+    ``module`` the worker module it runs with ``-m``.
     """
 
-    def __init__(self, python: str | None = None, env: dict[str, str] | None = None,
-                 cancelGraceS: float = 1.0) -> None:
-        self.python = python or pythonExecutable()
+    def __init__(self, python: str | list[str] | None = None, env: dict[str, str] | None = None,
+                 cancelGraceS: float = 1.0, module: str = "unetseg_engine.worker") -> None:
+        python = python or pythonExecutable()
+        self.command = [python] if isinstance(python, str) else list(python)
+        self.module = module
         self.extraEnv = dict(env or {})
         self.cancelGraceS = cancelGraceS
-        self.process: subprocess.Popen | None = None
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.stderrTail: deque[str] = deque(maxlen=40)
+        self.worker: _Worker | None = None
+        self.events: queue.Queue[tuple[_Worker, dict[str, Any]]] = queue.Queue()
         self.activeId: str | None = None
         self.cancelDeadline: float | None = None
         self.starts = 0
@@ -80,39 +153,63 @@ class WorkerRunner:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in [env.get("PYTHONPATH")] if p])
         env["PYTHONUNBUFFERED"] = "1"
+        # UTF-8 pipes and messages on Windows too (before Python 3.15 and Slicer 5.12 the worker's
+        # stderr would be in the ANSI code page)
+        env["PYTHONUTF8"] = "1"
+        env["PYTHONIOENCODING"] = "utf-8"
         env.update(self.extraEnv)
         return env
 
     def _ensureProcess(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        if self.worker is not None and self.worker.alive():
             return
-        flags = subprocess.CREATE_NO_WINDOW if sys.platform == "win32" else 0
-        self.process = subprocess.Popen(
-            [self.python, "-u", "-m", "unetseg_engine.worker"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self._environment(), cwd=str(MODULE_DIR),
-            text=True, encoding="utf-8", bufsize=1, creationflags=flags)
+        if sys.platform == "win32":
+            options = {"creationflags": subprocess.CREATE_NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP}
+        else:
+            options = {"start_new_session": True}  # its own process group, killed as one
+        command = self.command + ["-u", "-m", self.module]
+        try:
+            popen = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=self._environment(), cwd=str(MODULE_DIR), text=True, encoding="utf-8",
+                errors="replace", bufsize=1, **options)
+        except OSError as error:  # FileNotFoundError, PermissionError, a bad executable format
+            raise UNetSegError(
+                f"Could not start the segmentation process ({self.command[0]}: {error.strerror or error}). "
+                "Slicer's PythonSlicer (in Slicer's bin folder) was not found or cannot run; reinstall "
+                "Slicer, or pass another Python to WorkerRunner(python=...).") from None
         self.starts += 1
-        self.stderrTail.clear()
-        process = self.process
-        threading.Thread(target=self._readStdout, args=(process,), daemon=True).start()
-        threading.Thread(target=self._readStderr, args=(process,), daemon=True).start()
+        worker = self.worker = _Worker(popen, self.starts)
+        threading.Thread(target=self._readStderr, args=(worker,), daemon=True).start()
+        threading.Thread(target=self._readStdout, args=(worker,), daemon=True).start()
 
-    def _readStdout(self, process: subprocess.Popen) -> None:
-        for line in process.stdout:
+    def _readStdout(self, worker: _Worker) -> None:
+        for line in worker.popen.stdout:
             try:
-                self.events.put(json.loads(line))
+                event = json.loads(line)
             except json.JSONDecodeError:
-                self.stderrTail.append(line.rstrip())
-        self.events.put({"event": "_exited", "process": id(process)})
+                worker.stderrTail.append(line.rstrip())
+                continue
+            if isinstance(event, dict):
+                self.events.put((worker, event))
+        # Output closed: the whole tree has gone (a launcher's child shares the pipe). Reap it here, off
+        # the GUI thread, and let the stderr reader finish so the message has the last lines.
+        code = worker.popen.wait()
+        worker.stderrDone.wait(timeout=2.0)
+        self.events.put((worker, {"event": "_exited", "code": code}))
 
-    def _readStderr(self, process: subprocess.Popen) -> None:
-        for line in process.stderr:
-            self.stderrTail.append(line.rstrip())
+    @staticmethod
+    def _readStderr(worker: _Worker) -> None:
+        try:
+            for line in worker.popen.stderr:
+                worker.stderrTail.append(line.rstrip())
+        finally:
+            worker.stderrDone.set()
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
-            self.process.stdin.write(json.dumps(message) + "\n")
-            self.process.stdin.flush()
+            self.worker.popen.stdin.write(json.dumps(message) + "\n")
+            self.worker.popen.stdin.flush()
         except (BrokenPipeError, OSError, AttributeError, ValueError):
             pass  # the exit is noticed by the stdout reader and reported by poll()
 
@@ -143,13 +240,16 @@ class WorkerRunner:
         out = []
         while True:
             try:
-                event = self.events.get_nowait()
+                worker, event = self.events.get_nowait()
             except queue.Empty:
                 break
+            if worker is not self.worker:
+                continue  # the last words of a worker that was stopped
             if event.get("event") == "_exited":
-                if self.process is not None and event["process"] == id(self.process):
-                    out.extend(self._onExit())
+                out.extend(self._onExit(worker, event.get("code")))
                 continue
+            if event.get("event") == "ready":
+                worker.pid = event.get("pid")
             if event.get("event") in ("done", "error") and str(event.get("id")) == self.activeId:
                 self.activeId, self.cancelDeadline = None, None
             out.append(event)
@@ -161,9 +261,8 @@ class WorkerRunner:
                         "message": "Segmentation was cancelled (the worker was stopped)."})
         return out
 
-    def _onExit(self) -> list[dict[str, Any]]:
-        process, self.process = self.process, None
-        code = process.wait() if process else None
+    def _onExit(self, worker: _Worker, code: int | None) -> list[dict[str, Any]]:
+        self.worker = None
         if self.activeId is None:
             return []
         jobId, self.activeId = self.activeId, None
@@ -171,37 +270,47 @@ class WorkerRunner:
             self.cancelDeadline = None
             return [{"event": "error", "id": jobId, "kind": "cancelled",
                      "message": "Segmentation was cancelled."}]
-        hint = ""
-        if code is not None and code in (-9, 137, -6, 134, 3221225477):
-            hint = (" It was probably out of memory: close other programs, crop the volume, or choose "
-                    "the GPU or CPU device with more memory.")
-        tail = "\n".join(list(self.stderrTail)[-8:])
+        lines = list(worker.stderrTail)
+        launcherSawCrash = code == 1 and any(LAUNCHER_CRASH_TEXT in line for line in lines[-5:])
+        hint = OUT_OF_MEMORY_HINT if code in KILLED_EXIT_CODES or launcherSawCrash else ""
         return [{"event": "error", "id": jobId, "kind": "crashed",
                  "message": f"The segmentation process stopped unexpectedly (exit code {code}).{hint} "
                             f"Slicer and the scene are unaffected; press Segment to try again.",
-                 "details": tail}]
+                 "details": "\n".join(lines[-8:])}]
 
     def _kill(self) -> None:
-        process, self.process = self.process, None
+        """Stop the current worker tree at once, without waiting (its reader thread reaps it)."""
+        worker, self.worker = self.worker, None
         self.activeId, self.cancelDeadline = None, None
-        if process is not None and process.poll() is None:
-            process.kill()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        if worker is None:
+            return
+        try:
+            worker.popen.stdin.close()
+        except (OSError, ValueError):
+            pass
+        killProcessTree(worker.popen)
 
     def shutdown(self) -> None:
-        process = self.process
-        if process is None:
+        worker = self.worker
+        if worker is None:
             return
         self._send({"cmd": "quit"})
         try:
-            process.wait(timeout=2)
+            worker.popen.stdin.close()  # end of input: the worker exits, its children with it
+        except (OSError, ValueError):
+            pass
+        try:
+            worker.popen.wait(timeout=2)  # bounded: called when the module is cleaned up
         except subprocess.TimeoutExpired:
             pass
         self._kill()
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process is not None and self.process.poll() is None else None
+        """The started process (in Slicer: the launcher)."""
+        return self.worker.popen.pid if self.worker is not None and self.worker.alive() else None
+
+    @property
+    def workerPid(self) -> int | None:
+        """The engine's own process, as it reported itself (in Slicer: python-real, the launcher's child)."""
+        return self.worker.pid if self.worker is not None else None

@@ -191,7 +191,8 @@ class Predictor:
             raise CancelledError()
 
         t = time.perf_counter()
-        probs = self._infer(prepared.array, report, is_cancelled, messages)
+        ran_on: list[str] = []
+        probs = self._infer(prepared.array, report, is_cancelled, messages, ran_on)
         timings["inference_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -199,7 +200,8 @@ class Predictor:
         label_map, masks = self._to_input_grid(probs, prepared, is_cancelled)
         timings["resample_s"] = time.perf_counter() - t
         report("done", 1.0)
-        return SegmentationResult(label_map, model, masks, timings, self.device, messages)
+        return SegmentationResult(label_map, model, masks, timings, ran_on[0] if ran_on else self.device,
+                                  messages)
 
     def _windows_args(self) -> dict[str, Any]:
         meta = self.model.meta["inference"]  # type: ignore[union-attr]
@@ -211,8 +213,13 @@ class Predictor:
         }
 
     def _infer(self, array: np.ndarray, report: ProgressCallback, is_cancelled: CancelCallback,
-               messages: list[str]) -> np.ndarray:
-        """Class probabilities (C, z, y, x) float32 on the model grid; falls back when out of memory."""
+               messages: list[str], ran_on: list[str] | None = None) -> np.ndarray:
+        """Class probabilities (C, z, y, x) float32 on the model grid; falls back when out of memory.
+
+        The device the networks ran on is appended to ``ran_on``. The last fallback runs them on the
+        CPU for this call only: they go back to ``self.device`` afterwards, so the predictor stays as
+        it was built (the worker keeps it warm for the next scan).
+        """
         import torch
 
         args = self._windows_args()
@@ -227,15 +234,24 @@ class Predictor:
                             f"{sw_device}, stitching on {out_device}.")
                     messages.append(note)
                     report(note, 0.0)
-                    if sw_device == "cpu":
-                        self.networks = [network.to("cpu") for network in self.networks]
-                return self._run_windows(array, dict(args, sw_batch_size=batch), sw_device,
-                                         out_device, report, is_cancelled)
+                    if sw_device != self.device:
+                        self._move_networks(sw_device)
+                probs = self._run_windows(array, dict(args, sw_batch_size=batch), sw_device,
+                                          out_device, report, is_cancelled)
+                if ran_on is not None:
+                    ran_on.append(sw_device)
+                return probs
             except torch.cuda.OutOfMemoryError as error:
                 last_error = error
                 torch.cuda.empty_cache()
+            finally:
+                if sw_device != self.device:
+                    self._move_networks(self.device)
         raise UNetSegError(f"Out of memory even on the CPU ({last_error}). Close other programs or "
                            "use a machine with more memory.")
+
+    def _move_networks(self, device: str) -> None:
+        self.networks = [network.to(device) for network in self.networks]
 
     def _run_windows(self, array, args, sw_device, out_device, report, is_cancelled) -> np.ndarray:
         import torch

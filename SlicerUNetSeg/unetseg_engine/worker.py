@@ -17,8 +17,9 @@ Requests
   "direction": 9 numbers, row-major, columns = i, j, k axes in LPS}], "output_dir": folder}``.
   The voxels are read from the file in (k, j, i) order; the geometry given in the request is
   authoritative (the Slicer side owns IJK-to-RAS and converts it to LPS).
-  ``{"cmd": "cancel", "id": str}``: handled at once by the reader thread; the engine checks it
-  between sliding windows, so a run stops within about one window's time.
+  ``{"cmd": "cancel", "id": str}``: handled at once by the reader thread; the run checks it between
+  its stages (reading, finding the model, loading it, preprocessing, resampling back) and between
+  sliding windows, so it stops within about one window's or one stage's time.
   ``{"cmd": "quit"}``, or end of stdin: the worker exits.
 
 Events
@@ -72,6 +73,10 @@ class Worker:
                 request = json.loads(line)
             except json.JSONDecodeError:
                 self.emit(event="error", id=None, kind="internal", message=f"Bad request line: {line!r}")
+                continue
+            if not isinstance(request, dict):  # valid JSON, but not a request: answer and keep serving
+                self.emit(event="error", id=None, kind="internal",
+                          message=f"Bad request (not a JSON object): {line[:200]!r}")
                 continue
             if request.get("cmd") == "cancel":
                 self.cancelled.add(str(request.get("id")))
@@ -140,6 +145,10 @@ class Worker:
         def is_cancelled() -> bool:
             return job in self.cancelled or "*" in self.cancelled
 
+        def check_cancelled() -> None:
+            if is_cancelled():
+                raise CancelledError()
+
         last = {"stage": None, "fraction": -1.0, "time": 0.0}
 
         def progress(stage: str, fraction: float) -> None:
@@ -159,21 +168,24 @@ class Worker:
             except RuntimeError as error:
                 raise UNetSegError(f"Could not read input volume {index + 1} ({error}).") from None
             images.append(image_from_array(array, item["spacing"], item["origin"], item["direction"]))
+            check_cancelled()
         timings["read_s"] = time.perf_counter() - t
-        if is_cancelled():
-            raise CancelledError()
 
         t = time.perf_counter()
         package = get_model(request.get("model"))
-        predictor = self._predictor(request)
+        check_cancelled()
+        predictor = self._predictor(request)  # imports torch the first time: seconds
+        check_cancelled()
         warm = predictor.has_loaded(package)
         progress("loading model" if not warm else "model already loaded", 0.0)
         predictor.load(package)
         timings["load_model_s"] = time.perf_counter() - t
+        check_cancelled()
         window = request.get("window")
         result = predictor.predict(images, window=tuple(window) if window else None, progress=progress,
                                    cancel=is_cancelled)
         timings.update(result.timings)
+        check_cancelled()
 
         t = time.perf_counter()
         out_dir = Path(request["output_dir"])
@@ -219,7 +231,7 @@ def main() -> int:
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
-    stdin = open(sys.stdin.fileno(), encoding="utf-8", closefd=False)
+    stdin = open(sys.stdin.fileno(), encoding="utf-8", errors="replace", closefd=False)
     worker = Worker(protocol)
     threading.Thread(target=worker.read_requests, args=(stdin,), daemon=True).start()
     worker.emit(event="ready", pid=os.getpid())

@@ -1,50 +1,104 @@
-"""The smallest honest stand-in for the Slicer *application* around the real MRML of slicer-core.
+"""Slicer's own Python code, on the real MRML of slicer-core, with stand-ins only for the application.
 
-The slicer-core wheel has Slicer's MRML, segmentation core, module logics and ``slicer.util``, but not
-what the application adds at start-up. This file provides only that:
+Real (read, unmodified, from ``$UNETSEG_SHARED/slicer-python/v5.10.0``, default ``../shared`` next to
+the repository; see its README): ``slicer.ScriptedLoadableModule`` (module, widget, logic and test base
+classes), ``slicer.parameterNodeWrapper`` (typed parameters, validators such as ``WithinRange``, the
+serializers and the GUI connectors), ``slicer.i18n`` and ``slicer.testing``. They are loaded from
+there as ``slicer.<name>``; nothing is copied into the repository.
 
-- ``slicer.mrmlScene``: a real ``vtkMRMLScene`` with the real Colors, Segmentations and Subject
-  Hierarchy logics attached (as the application does for every scene);
-- ``slicer.app``: ``processEvents`` (a Qt event pump when Qt is up);
-- ``slicer.modules``: ``segmentations.logic()``, ``subjecthierarchy.logic()``;
-- ``slicer.ScriptedLoadableModule``: the four base classes, behaving like Slicer's (module name from
-  the class name, a singleton ``vtkMRMLScriptedModuleNode`` as parameter node, ``resourcePath``);
-- ``slicer.parameterNodeWrapper``: typed properties stored in that node (strings for plain values,
-  node references for MRML nodes) and two-way ``connectGui`` binding through ``SlicerParameterName``.
+Also real: the MRML scene and module logics (slicer-core), ``slicer.util``, VTK, and Qt (PySide6,
+offscreen; see ``qtHarness``).
+
+Stand-ins, for what only the application provides (``qSlicerApplication`` and its C++ widgets):
+
+- ``slicer.mrmlScene``: a ``vtkMRMLScene`` with the real Colors, Segmentations and Subject Hierarchy
+  logics attached (as the application does for every scene);
+- ``slicer.app``: ``processEvents`` (the Qt event pump), ``translate`` (Qt's
+  ``QCoreApplication.translate``, which is what qSlicerApplication inherits), ``moduleManager()``
+  (accepts the widget's ``moduleAboutToBeUnloaded`` connection) and ``applicationLogic()``;
+- ``slicer.modules``: ``segmentations.logic()``, ``subjecthierarchy.logic()``, and ``slicerunetseg``
+  with the module's ``path`` (what ``slicer.util.modulePath`` reads);
+- the Qt widget stand-ins in ``qtHarness`` (PythonQt-flavoured ``qt``, ``ctk``, ``qMRMLNodeComboBox``,
+  ``qMRMLWidget``).
 
 Nothing here computes or fakes results: segmentations come from the real engine in its worker process.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import sys
 import types
-import typing
-import unittest
 from pathlib import Path
 
 import slicer
-import vtk
 
-MODULE_DIR = Path(__file__).resolve().parents[2] / "SlicerUNetSeg"
+REPO = Path(__file__).resolve().parents[2]
+MODULE_DIR = REPO / "SlicerUNetSeg"
+SLICER_PYTHON_VERSION = "v5.10.0"
+
+
+def sharedSlicerPython() -> Path:
+    """Where Slicer's own pure-Python modules are: ``$UNETSEG_SHARED/slicer-python/<version>``."""
+    shared = Path(os.environ.get("UNETSEG_SHARED", REPO.parent / "shared"))
+    return shared / "slicer-python" / SLICER_PYTHON_VERSION
+
+
+def missingReason() -> str | None:
+    """Why the suites cannot run here, or None."""
+    folder = sharedSlicerPython()
+    if not (folder / "slicer" / "parameterNodeWrapper" / "wrapper.py").is_file():
+        return (f"Slicer's own Python modules were not found at {folder}: set UNETSEG_SHARED to the "
+                "shared folder that holds slicer-python/ (Slicer's ScriptedLoadableModule, "
+                "parameterNodeWrapper, i18n and testing, v5.10.0)")
+    return None
 
 
 class _Module:
-    def __init__(self, logic) -> None:
+    def __init__(self, logic=None, path=None) -> None:
         self._logic = logic
+        self.path = path
 
     def logic(self):
         return self._logic
 
 
+class _ModuleManager:
+    """Accepts PythonQt-style string connections (``connect("signal(QString)", slot)``)."""
+
+    def __init__(self) -> None:
+        self.connections: list[tuple[str, object]] = []
+
+    def connect(self, signal: str, slot) -> bool:
+        self.connections.append((signal, slot))
+        return True
+
+    def disconnect(self, signal: str, slot) -> bool:
+        if (signal, slot) in self.connections:
+            self.connections.remove((signal, slot))
+        return True
+
+
 class _App:
-    """The part of qSlicerApplication the module uses."""
+    """The part of qSlicerApplication the module and Slicer's Python code use."""
+
+    def __init__(self) -> None:
+        self._moduleManager = _ModuleManager()
 
     def processEvents(self) -> None:
         qtWidgets = sys.modules.get("PySide6.QtWidgets")
         if qtWidgets is not None and qtWidgets.QApplication.instance() is not None:
             qtWidgets.QApplication.processEvents()
+
+    def translate(self, context: str, text: str) -> str:
+        from PySide6.QtCore import QCoreApplication
+
+        return QCoreApplication.translate(context, text)
+
+    def moduleManager(self) -> _ModuleManager:
+        return self._moduleManager
 
     def applicationLogic(self):
         return slicer.modules.applicationLogic
@@ -67,199 +121,50 @@ def newScene():
     return scene
 
 
-# ---- slicer.ScriptedLoadableModule ----------------------------------------------------------------
-class ScriptedLoadableModule:
-    def __init__(self, parent) -> None:
-        self.parent = parent
-        self.moduleName = self.__class__.__name__
-        for name, value in (("title", ""), ("categories", []), ("dependencies", []), ("contributors", []),
-                            ("helpText", ""), ("acknowledgementText", "")):
-            setattr(parent, name, value)
+def moduleParent():
+    """What the application passes to a scripted module's constructor (a qSlicerScriptedLoadableModule)."""
+    return types.SimpleNamespace(path=str(MODULE_DIR / "SlicerUNetSeg.py"))
 
 
-class ScriptedLoadableModuleLogic:
-    def __init__(self, parent=None) -> None:
-        name = self.__class__.__name__
-        self.moduleName = name[:-5] if name.endswith("Logic") else name
+def _loadSlicerModule(name: str):
+    """Load Slicer's own ``slicer.<name>`` from the shared folder.
 
-    def getParameterNode(self):
-        scene = slicer.mrmlScene
-        node = scene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
-        if node is None:
-            node = slicer.vtkMRMLScriptedModuleNode()
-            node.SetSingletonTag(self.moduleName)
-            node.SetModuleName(self.moduleName)
-            node.SetName(scene.GenerateUniqueName(self.moduleName))
-            node = scene.AddNode(node)
-        return node
-
-
-class ScriptedLoadableModuleWidget:
-    def __init__(self, parent=None) -> None:
-        import qt
-
-        name = self.__class__.__name__
-        self.moduleName = name[:-6] if name.endswith("Widget") else name
-        self.developerMode = False
-        if parent is None:
-            parent = qt.QWidget()
-            parent.setLayout(qt.QVBoxLayout())
-        self.parent = parent
-        self.layout = parent.layout()
-
-    def resourcePath(self, filename: str) -> str:
-        moduleFile = sys.modules[self.__class__.__module__].__file__
-        return os.path.join(os.path.dirname(moduleFile), "Resources", filename)
-
-    def setup(self) -> None:
-        pass
-
-    def cleanup(self) -> None:
-        pass
-
-    def enter(self) -> None:
-        pass
-
-    def exit(self) -> None:
-        pass
-
-
-class ScriptedLoadableModuleTest(unittest.TestCase):
-    def delayDisplay(self, message: str, msec: int = 1000) -> None:
-        print(message)
-
-
-# ---- slicer.parameterNodeWrapper ------------------------------------------------------------------
-def _isNodeType(annotation) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, slicer.vtkMRMLNode)
-
-
-def _parse(annotation, text: str):
-    if annotation is bool:
-        return text == "True"
-    return annotation(text)
-
-
-class WithinRange:
-    """Slicer's validator of the same name: the value must lie in [minimum, maximum]."""
-
-    def __init__(self, minimum, maximum):
-        self.minimum, self.maximum = minimum, maximum
-
-
-def _spinBoxRange(annotated) -> tuple[float, float]:
-    """The range Slicer's spin-box connector gives a widget: the annotation's ``WithinRange``, else
-    -inf..inf (Slicer overrides whatever range the .ui file set)."""
-    for item in typing.get_args(annotated)[1:]:
-        if isinstance(item, WithinRange):
-            return item.minimum, item.maximum
-    return float("-inf"), float("inf")
-
-
-def parameterNodeWrapper(cls):
-    """Typed access to a vtkMRMLScriptedModuleNode, like Slicer's decorator of the same name."""
-    hints = typing.get_type_hints(cls)
-    annotated = typing.get_type_hints(cls, include_extras=True)
-    defaults = {name: cls.__dict__.get(name) for name in hints}
-
-    def makeProperty(name, annotation):
-        if _isNodeType(annotation):
-            return property(lambda self: self.parameterNode.GetNodeReference(name),
-                            lambda self, node: self.parameterNode.SetNodeReferenceID(
-                                name, node.GetID() if node is not None else None))
-        return property(lambda self: _parse(annotation, self.parameterNode.GetParameter(name)),
-                        lambda self, value: self.parameterNode.SetParameter(name, str(value)))
-
-    def __init__(self, parameterNode):
-        self.parameterNode = parameterNode
-        self._guiConnections = {}
-        for name, annotation in hints.items():
-            if not _isNodeType(annotation) and not parameterNode.GetParameter(name):
-                parameterNode.SetParameter(name, str(defaults[name] if defaults[name] is not None
-                                                      else annotation()))
-
-    for name, annotation in hints.items():
-        setattr(cls, name, makeProperty(name, annotation))
-    cls.__init__ = __init__
-    cls._annotated = annotated
-    cls.connectGui = _connectGui
-    cls.disconnectGui = _disconnectGui
-    cls.allParameters = property(lambda self: {n: getattr(self, n) for n in hints})
-    return cls
-
-
-def _widgetBinding(widget):
-    """(read, write, changed signal) for the widget kinds the module binds."""
-    className = type(widget).__name__
-    if className == "qMRMLNodeComboBox":
-        return widget.currentNode, widget.setCurrentNode, widget.currentNodeChanged
-    if className in ("QDoubleSpinBox", "QSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox"):
-        return widget.value, widget.setValue, widget.valueChanged
-    if className in ("QCheckBox", "QRadioButton") or (className == "QPushButton" and widget.isCheckable()):
-        return widget.isChecked, widget.setChecked, widget.toggled
-    if className == "QComboBox":
-        return widget.currentText, widget.setCurrentText, widget.currentTextChanged
-    if className == "QLineEdit":
-        return widget.text, widget.setText, widget.textChanged
-    raise TypeError(f"No parameter connector for {className}")
-
-
-def _connectGui(self, ui):
-    tag = object()
-    bindings = []
-    for widget in vars(ui).values():
-        name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
-        if not name:
-            continue
-        read, write, changed = _widgetBinding(widget)
-        if type(widget).__name__ in ("QDoubleSpinBox", "QSpinBox"):
-            widget.setRange(*_spinBoxRange(self._annotated[name]))
-
-        def setter(value, n=name):
-            setattr(self, n, value)
-        changed.connect(setter)
-        bindings.append((name, read, write, changed, setter))
-
-    def toGui(caller=None, event=None):
-        for name, read, write, changed, setter in bindings:
-            value = getattr(self, name)
-            if read() != value:
-                widget = write.__self__
-                blocked = widget.blockSignals(True)
-                write(value)
-                widget.blockSignals(blocked)
-
-    observer = self.parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, toGui)
-    toGui()
-    self._guiConnections[tag] = (bindings, observer)
-    return tag
-
-
-def _disconnectGui(self, tag):
-    bindings, observer = self._guiConnections.pop(tag, ([], None))
-    for name, read, write, changed, setter in bindings:
-        changed.disconnect(setter)
-    if observer is not None:
-        self.parameterNode.RemoveObserver(observer)
+    Loaded by path rather than by adding the folder to ``slicer.__path__``: slicer-core's
+    ``slicer/__init__`` copies every public name of every module on its path onto ``slicer`` (its
+    ``util`` would become parameterNodeWrapper's ``util``).
+    """
+    path = sharedSlicerPython() / "slicer" / name
+    package = path.is_dir()
+    spec = importlib.util.spec_from_file_location(
+        f"slicer.{name}", path / "__init__.py" if package else path.with_suffix(".py"),
+        submodule_search_locations=[str(path)] if package else None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    setattr(slicer, name, module)
+    return module
 
 
 def install() -> None:
-    """Install the stand-ins (idempotent) and make the module folder importable."""
+    """Install Qt, Slicer's own Python modules and the application stand-ins (idempotent)."""
     if getattr(slicer, "_unetsegHarness", False):
         return
+    reason = missingReason()
+    if reason:
+        raise RuntimeError(reason)
+    import qtHarness
+
+    qtHarness.install()
     if str(MODULE_DIR) not in sys.path:
         sys.path.insert(0, str(MODULE_DIR))
     slicer.app = _App()
-    slicer.modules = types.SimpleNamespace(applicationLogic=slicer.vtkSlicerApplicationLogic())
-    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    for item in (ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget,
-                 ScriptedLoadableModuleTest):
-        setattr(scripted, item.__name__, item)
-    scripted.__all__ = [item for item in vars(scripted) if item.startswith("Scripted")]
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = parameterNodeWrapper
-    wrapper.WithinRange = WithinRange
-    sys.modules["slicer.ScriptedLoadableModule"] = slicer.ScriptedLoadableModule = scripted
-    sys.modules["slicer.parameterNodeWrapper"] = slicer.parameterNodeWrapper = wrapper
+    slicer.modules = types.SimpleNamespace(applicationLogic=slicer.vtkSlicerApplicationLogic(),
+                                           slicerunetseg=_Module(path=str(MODULE_DIR / "SlicerUNetSeg.py")))
+    slicer.qMRMLNodeComboBox = qtHarness.qMRMLNodeComboBox
+    slicer.qMRMLWidget = qtHarness.qMRMLWidget
+    for placeholder in ("qMRMLSliderWidget", "qMRMLSpinBox", "qMRMLRangeWidget", "qSlicerWidget"):
+        setattr(slicer, placeholder, type(placeholder, (), {"__doc__": "placeholder (not in our panel)"}))
+    for name in ("i18n", "parameterNodeWrapper", "ScriptedLoadableModule", "testing"):
+        _loadSlicerModule(name)
     newScene()
     slicer._unetsegHarness = True

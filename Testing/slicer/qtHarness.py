@@ -1,12 +1,20 @@
-"""Offscreen Qt for the panel tests: PySide6 as Slicer's ``qt`` module, plus the two CTK/qMRML widgets
-the .ui uses, reduced to the behaviour the panel relies on.
+"""Offscreen Qt for the Slicer-side suites: PySide6 as Slicer's ``qt`` module, behaving like PythonQt
+where Slicer's own Python code depends on it, plus the few CTK/qMRML widgets our panel uses.
 
-- ``qt``: the QtCore/QtGui/QtWidgets classes in one namespace (as PythonQt's ``qt`` module has them),
-  and a ``QUiLoader`` that knows the two stand-ins below.
-- ``ctkCollapsibleButton``: a titled container with ``text`` and ``collapsed`` properties.
-- ``qMRMLNodeComboBox``: lists the scene's nodes of ``nodeTypes`` (kept current through scene
-  observers), an optional "none" entry (``noneEnabled``/``noneDisplay``), ``currentNode`` /
-  ``setCurrentNode`` and the ``currentNodeChanged`` signal.
+Stand-ins (only what needs the application's C++ widgets or PythonQt):
+
+- ``qt``: the QtCore/QtGui/QtWidgets classes in one namespace (as PythonQt's ``qt`` module has them).
+  The widget classes our ``.ui`` instantiates are PythonQt-flavoured: every Qt property is a Python
+  attribute (``spinBox.value``, ``checkBox.checked = True``, ``label.text``) that shadows the getter
+  of the same name, as in Slicer, because Slicer's parameterNodeWrapper GUI connectors read and write
+  widgets that way. ``QUiLoader`` creates those classes and knows the stand-ins below.
+- ``ctk``: ``ctkCollapsibleButton`` (a titled container with ``text`` and ``collapsed``); every other
+  ``ctk`` name is an empty placeholder class, so that the wrapper's ``type(widget) in (...)`` checks
+  run (none of those widgets is in our panel).
+- ``slicer.qMRMLNodeComboBox``: lists the scene's nodes of ``nodeTypes`` (kept current through scene
+  observers), an optional "none" entry, ``currentNode`` / ``setCurrentNode``, ``currentNodeChanged``.
+- ``slicer.qMRMLWidget``: a QWidget with ``setMRMLScene``; the other ``qMRML*``/``qSlicer*`` names
+  Slicer's wrapper mentions are placeholders.
 Everything else in the panel is real Qt.
 """
 
@@ -20,6 +28,26 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from PySide6 import QtCore, QtGui, QtUiTools, QtWidgets  # noqa: E402
 from PySide6.QtCore import Property, Signal  # noqa: E402
+
+
+def pythonQtFlavoured(base):
+    """A subclass of a Qt widget class whose Qt properties are Python attributes, as in PythonQt."""
+    meta = base.staticMetaObject
+    namespace = {"__doc__": f"{base.__name__} with PythonQt's attribute access to its Qt properties",
+                 "__module__": "qt"}
+    for index in range(meta.propertyCount()):
+        name = meta.property(index).name()
+        namespace[name] = property(lambda self, n=name: QtCore.QObject.property(self, n),
+                                   lambda self, value, n=name: QtCore.QObject.setProperty(self, n, value))
+    return type(base.__name__, (base,), namespace)
+
+
+# The leaf widget classes the panel's .ui creates, and those Slicer's GUI connectors compare with
+# type(widget) == qt.X. (QWidget itself stays plain: findChildren(qt.QWidget) must find every widget.)
+FLAVOURED = {cls.__name__: pythonQtFlavoured(cls) for cls in (
+    QtWidgets.QLabel, QtWidgets.QComboBox, QtWidgets.QPushButton, QtWidgets.QCheckBox,
+    QtWidgets.QDoubleSpinBox, QtWidgets.QSpinBox, QtWidgets.QSlider, QtWidgets.QProgressBar,
+    QtWidgets.QPlainTextEdit, QtWidgets.QTextEdit, QtWidgets.QLineEdit)}
 
 
 class ctkCollapsibleButton(QtWidgets.QGroupBox):
@@ -155,21 +183,61 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):
         self.currentNodeIDChanged.emit(node.GetID() if node else "")
 
 
+class qMRMLWidget(QtWidgets.QWidget):
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self._scene = None
+
+    def setMRMLScene(self, scene) -> None:
+        self._scene = scene
+
+    def mrmlScene(self):
+        return self._scene
+
+
 class QUiLoader(QtUiTools.QUiLoader):
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         self.registerCustomWidget(ctkCollapsibleButton)
         self.registerCustomWidget(qMRMLNodeComboBox)
 
+    def createWidget(self, className, parent=None, name=""):
+        flavoured = FLAVOURED.get(className)
+        if flavoured is None:
+            return super().createWidget(className, parent, name)
+        widget = flavoured(parent)
+        widget.setObjectName(name)
+        return widget
+
+
+def _placeholderModule(name: str, known: dict) -> types.ModuleType:
+    """A module whose unknown attributes are distinct empty classes (never instantiated by us)."""
+    module = types.ModuleType(name)
+    module.__dict__.update(known)
+    cache: dict[str, type] = {}
+
+    def __getattr__(attribute: str):
+        if attribute.startswith("__"):
+            raise AttributeError(attribute)
+        if attribute not in cache:
+            cache[attribute] = type(attribute, (), {"__doc__": f"placeholder for {name}.{attribute}"})
+        return cache[attribute]
+
+    module.__getattr__ = __getattr__
+    return module
+
 
 def install() -> QtWidgets.QApplication:
-    """Provide ``import qt`` and a QApplication (offscreen)."""
+    """Provide ``import qt`` and ``import ctk`` and a QApplication (offscreen)."""
     if "qt" not in sys.modules:
         qt = types.ModuleType("qt")
         for module in (QtCore, QtGui, QtWidgets):
             for name in dir(module):
                 if not name.startswith("_"):
                     setattr(qt, name, getattr(module, name))
+        for name, cls in FLAVOURED.items():
+            setattr(qt, name, cls)
         qt.QUiLoader = QUiLoader
         sys.modules["qt"] = qt
+        sys.modules["ctk"] = _placeholderModule("ctk", {"ctkCollapsibleButton": ctkCollapsibleButton})
     return QtWidgets.QApplication.instance() or QtWidgets.QApplication(["SlicerUNetSegTest"])

@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
+import harness
 from SlicerUNetSegLib.geometry import ijkToRasArray, loadVolumeFile, lpsGeometry
 from SlicerUNetSegLib.segmentationBuilder import segmentationSnapshot, terminologyEntryString
 from SlicerUNetSegLib.testing import TINY_LABELS, TINY_MODEL_ID
@@ -186,19 +187,22 @@ def test_errors_leave_the_scene_unchanged(logic, ct, scene):
 
 
 def test_worker_crash_is_reported_and_slicer_survives(logic, ct, scene):
+    """The kernel's out-of-memory killer picks the engine's process, the launcher's child; the
+    launcher then exits with 1 after saying so, and that is what the runner sees."""
     state = sceneState(scene)
     killed = []
 
     def progress(stage, fraction):
         if stage == "inference" and not killed:
-            killed.append(logic.runner.pid)
-            os.kill(logic.runner.pid, signal.SIGKILL)  # what the kernel does when memory runs out
+            killed.append((logic.runner.pid, logic.runner.workerPid))
+            assert killed[0][0] != killed[0][1]  # launcher and worker
+            os.kill(logic.runner.workerPid, signal.SIGKILL)  # what the kernel does when memory runs out
 
     with pytest.raises(UNetSegError, match="stopped unexpectedly.*out of memory"):
         logic.process(ct, None, TINY_MODEL_ID, device="cpu", overlap=0.9, onProgress=progress)
     assert sceneState(scene) == state
     assert logic.process(ct, None, TINY_MODEL_ID, device="cpu") is not None  # a fresh worker
-    assert logic.runner.pid != killed[0]
+    assert logic.runner.pid != killed[0][0] and logic.runner.workerPid != killed[0][1]
 
 
 def test_linear_transform_and_study_placement(logic, ct, scene):
@@ -291,3 +295,93 @@ def test_dependencies_ask_before_installing_and_explain_a_missing_pytorch(monkey
     monkeypatch.setitem(__import__("sys").modules, "PyTorchUtils", None)
     with pytest.raises(RuntimeError, match="PyTorch extension"):
         dependencies.ensureDependencies(lambda text: True)
+
+
+def test_self_test_runs_without_torch_with_a_stand_in_worker(scene, monkeypatch, tmp_path):
+    """A fresh Slicer, or the Extensions Index build machines: no torch, no MONAI, no jsonschema. The
+    self-test must not fail with ModuleNotFoundError; it runs the Slicer side with a stand-in runner."""
+    import sys
+
+    import SlicerUNetSeg
+    from SlicerUNetSegLib import dependencies
+
+    monkeypatch.setenv("UNETSEG_DATA", str(tmp_path / "no-data-here"))
+    monkeypatch.setattr(dependencies, "torchStatus", lambda: (None, None))
+    for name in ("torch", "monai", "jsonschema"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing them raises ImportError
+    SlicerUNetSeg.SlicerUNetSegTest().runTest()
+
+
+def test_self_test_through_slicer_testing_run_unit_test(scene, modelsDir, monkeypatch, tmp_path):
+    """What the CI workflow runs in Slicer: slicer.testing.runUnitTest (Slicer's own code)."""
+    monkeypatch.setenv("UNETSEG_DATA", str(tmp_path / "no-data-here"))
+    slicer.testing.runUnitTest([str(harness.MODULE_DIR)], "SlicerUNetSeg")
+
+
+def test_title_category_and_help_are_translatable(monkeypatch):
+    """As Slicer's module template: _() for the text (context: the file), and the category in
+    qSlicerAbstractCoreModule's context, so that it merges with Slicer's translated "Segmentation"."""
+    import SlicerUNetSeg
+
+    asked = []
+    monkeypatch.setattr(slicer.app, "translate",
+                        lambda context, text: asked.append((context, text)) or f"<{text}>", raising=False)
+    parent = harness.moduleParent()
+    SlicerUNetSeg.SlicerUNetSeg(parent)
+    assert parent.title == "<UNet Segmentation>"
+    assert parent.categories == ["<Segmentation>"]
+    assert ("qSlicerAbstractCoreModule", "Segmentation") in asked
+    assert ("SlicerUNetSeg", "UNet Segmentation") in asked
+    assert parent.helpText.startswith("<") and parent.acknowledgementText.startswith("<")
+
+
+def test_pip_failure_is_the_modules_error_with_pips_output(monkeypatch):
+    import subprocess
+    import types
+
+    from SlicerUNetSegLib import dependencies
+
+    monkeypatch.setattr(dependencies, "missingRequirements", lambda: ["monai>=1.4"])
+    failure = subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install", "monai>=1.4"],
+                                            output="ERROR: Could not find a version (no network)")
+
+    def pipInstall(requirements):
+        raise failure
+
+    monkeypatch.setattr(slicer.util, "pip_install", pipInstall)
+    with pytest.raises(dependencies.DependencyError, match="pip failed") as caught:
+        dependencies.ensureDependencies(lambda text: True)
+    assert "no network" in caught.value.details
+    # the PyTorch extension's installer runs pip too (light-the-torch), and raises the same way
+    logic = types.SimpleNamespace(installTorch=lambda **kwargs: pipInstall(None))
+    monkeypatch.setitem(__import__("sys").modules, "PyTorchUtils",
+                        types.SimpleNamespace(PyTorchUtilsLogic=lambda: logic))
+    monkeypatch.setattr(dependencies, "torchStatus", lambda: (None, None))
+    with pytest.raises(dependencies.DependencyError, match="Installing PyTorch failed"):
+        dependencies.ensureDependencies(lambda text: True)
+
+
+@pytest.mark.parametrize("version, accepted", [("2.2.0", False), ("2.4.0", False), ("2.4.1", True),
+                                               ("2.4.1+cu121", True), ("2.13.0+cpu", True)])
+def test_pytorch_older_than_2_4_1_is_refused(version, accepted, monkeypatch):
+    """With torch 2.2 to 2.4.0 pip can only pick monai 1.4.0, which would downgrade Slicer 5.10's
+    numpy 2."""
+    import types
+
+    from SlicerUNetSegLib import dependencies
+
+    monkeypatch.setattr(dependencies, "torchStatus", lambda: (version, None))
+    monkeypatch.setattr(dependencies, "missingRequirements", lambda: [])
+    monkeypatch.setitem(__import__("sys").modules, "PyTorchUtils", types.SimpleNamespace())
+    if accepted:
+        assert dependencies.ensureDependencies(lambda text: True) is True
+    else:
+        with pytest.raises(RuntimeError, match="needs 2.4.1 or newer"):
+            dependencies.ensureDependencies(lambda text: True)
+
+
+def test_simpleitk_is_left_to_slicer():
+    """Slicer bundles SimpleITK (2.2.1 in 5.6); a requirement above it would make pip replace it."""
+    from SlicerUNetSegLib import dependencies
+
+    assert not [r for r in dependencies.REQUIREMENTS if r.lower().startswith("simpleitk")]

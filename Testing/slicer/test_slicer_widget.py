@@ -1,5 +1,8 @@
-"""The panel, driven headless: offscreen Qt (PySide6) with stand-ins only for the CTK/qMRML widgets,
-the real MRML scene, and the real engine in its worker process."""
+"""The panel, driven headless: Slicer's own ScriptedLoadableModuleWidget and parameterNodeWrapper
+(GUI connectors included), offscreen Qt (PySide6) with PythonQt-style property access and stand-ins
+only for the CTK/qMRML widgets, the real MRML scene, and the real engine in its worker process.
+
+Widget properties are read as PythonQt exposes them in Slicer (``label.text``, ``spinBox.value``)."""
 
 from __future__ import annotations
 
@@ -41,8 +44,7 @@ def twoChannelModel(modelsDir):
 def panel(scene, logic, twoChannelModel):
     import SlicerUNetSeg
 
-    widget = SlicerUNetSeg.SlicerUNetSegWidget()
-    widget.setup()
+    widget = newPanel(SlicerUNetSeg)
     widget.logic.shutdown()
     widget.logic = logic  # share the session's warm worker
     widget.asked, widget.errors = [], []
@@ -60,6 +62,16 @@ def panel(scene, logic, twoChannelModel):
 @pytest.fixture
 def ct(scene, openkbp):
     return loadVolumeFile(openkbp[0], "pt_201 CT")
+
+
+def newPanel(module):
+    """As the application creates a module panel: a parent qMRMLWidget, then setup()."""
+    parent = slicer.qMRMLWidget()
+    parent.setLayout(__import__("qt").QVBoxLayout())
+    parent.setMRMLScene(slicer.mrmlScene)
+    widget = module.SlicerUNetSegWidget(parent)
+    widget.setup()
+    return widget
 
 
 def pump(condition, timeout=120.0):
@@ -91,16 +103,16 @@ def test_selecting_a_model_fills_window_labels_and_channels(panel, scene):
     selectModel(panel, TWO_CHANNEL_ID)
     node = panel._parameterNode
     assert node.modelId == TWO_CHANNEL_ID
-    assert (panel.ui.windowLevelSpinBox.value(), panel.ui.windowWidthSpinBox.value()) == (-600, 1500)
-    info = panel.ui.modelInfoLabel.text()
+    assert (panel.ui.windowLevelSpinBox.value, panel.ui.windowWidthSpinBox.value) == (-600, 1500)
+    info = panel.ui.modelInfoLabel.text
     for expected in ("Two-channel test model", "Brainstem", "Mandible", "CC-BY-4.0", "0.0.1", "run time"):
         assert expected in info
     assert panel.ui.inputVolume2Selector.isVisibleTo(panel.parent)
     assert not panel.ui.inputVolume3Selector.isVisibleTo(panel.parent)
-    assert "(FLAIR)" in panel.ui.inputVolume2Label.text()
+    assert "(FLAIR)" in panel.ui.inputVolume2Label.text
     assert (node.inputVolume, node.inputVolume2) == (t1, flair)  # matched by name, not by order
     selectModel(panel, TINY_MODEL_ID)
-    assert (panel.ui.windowLevelSpinBox.value(), panel.ui.windowWidthSpinBox.value()) == (40, 400)
+    assert (panel.ui.windowLevelSpinBox.value, panel.ui.windowWidthSpinBox.value) == (40, 400)
     assert not panel.ui.inputVolume2Selector.isVisibleTo(panel.parent)
     assert not panel.ui.windowLevelSpinBox.isEnabled()  # the model's window until overridden
     panel.ui.overrideWindowCheckBox.setChecked(True)
@@ -114,14 +126,14 @@ def test_segment_creates_the_segmentation_then_cancel_leaves_scene(panel, ct, sc
     panel.ui.deviceComboBox.setCurrentIndex(2)  # CPU
     assert panel._parameterNode.inputVolume is ct and panel._parameterNode.device == "cpu"
     panel.ui.segmentButton.click()
-    assert panel.ui.segmentButton.text() == "Cancel"
+    assert panel.ui.segmentButton.text == "Cancel"
     pump(lambda: not panel.logic.isRunning())
     assert not panel.errors, panel.errors
     segmentation = panel._parameterNode.outputSegmentation
     assert segmentation is not None and panel.ui.outputSegmentationSelector.currentNode() is segmentation
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 3
-    assert panel.ui.segmentButton.text() == "Segment" and panel.ui.progressBar.value() == 100
-    assert "Done on cpu" in panel.ui.logTextEdit.toPlainText()
+    assert panel.ui.segmentButton.text == "Segment" and panel.ui.progressBar.value == 100
+    assert "Done on cpu" in panel.ui.logTextEdit.plainText
     panel.ui.show3DButton.setChecked(True)
     assert segmentation.GetSegmentation().ContainsRepresentation("Closed surface")
     panel.ui.logCollapsibleButton.setCollapsed(False)
@@ -135,8 +147,8 @@ def test_segment_creates_the_segmentation_then_cancel_leaves_scene(panel, ct, sc
     pump(lambda: not panel.logic.isRunning(), timeout=5)
     assert panel.logic.job.state == "cancelled"
     assert scene.GetNumberOfNodes() == count
-    assert panel.ui.segmentButton.text() == "Segment"
-    assert "Cancelled" in panel.ui.logTextEdit.toPlainText()
+    assert panel.ui.segmentButton.text == "Segment"
+    assert "Cancelled" in panel.ui.logTextEdit.plainText
 
 
 def test_existing_segments_are_replaced_only_after_asking(panel, ct, scene):
@@ -165,16 +177,59 @@ def test_settings_round_trip_through_the_parameter_node(panel, ct, scene):
     node = panel._parameterNode
     assert (node.device, node.overrideWindow, node.windowLevel) == ("cuda", True, 55.0)
     node.windowWidth = 321.0  # parameter node -> GUI
-    assert panel.ui.windowWidthSpinBox.value() == 321
+    assert panel.ui.windowWidthSpinBox.value == 321
     panel.ui.windowWidthSpinBox.setValue(0)  # a zero-width window cannot be entered
     assert node.windowWidth == 1.0
     panel.ui.windowWidthSpinBox.setValue(321)
-    second = SlicerUNetSeg.SlicerUNetSegWidget()  # a fresh panel on the same scene shows the same
-    second.setup()
+    second = newPanel(SlicerUNetSeg)  # a fresh panel on the same scene shows the same
     try:
-        assert second.ui.deviceComboBox.currentIndex() == 1
-        assert second.ui.overrideWindowCheckBox.isChecked()
-        assert (second.ui.windowLevelSpinBox.value(), second.ui.windowWidthSpinBox.value()) == (55, 321)
+        assert second.ui.deviceComboBox.currentIndex == 1
+        assert second.ui.overrideWindowCheckBox.checked
+        assert (second.ui.windowLevelSpinBox.value, second.ui.windowWidthSpinBox.value) == (55, 321)
         assert second.ui.inputVolumeSelector.currentNode() is ct
     finally:
         second.cleanup()
+
+
+def test_a_models_window_outside_the_panels_range_is_clamped_and_the_panel_keeps_working(panel, scene):
+    """Slicer's real WithinRange raises ValueError outside [-3000, 3000] / [1, 8000]. Raised between
+    StartModify and EndModify, it left the parameter node unable to send Modified events: the panel
+    froze. The model's window is shown clamped, with a note, and the panel still follows the node."""
+    tiny = next(m for m in panel.models if m["id"] == TINY_MODEL_ID)
+    panel.models.append(dict(tiny, id="wide-window", title="Wide window", default_window=[5000.0, 12000.0]))
+    panel.onModelChanged(len(panel.models) - 1)
+    node = panel._parameterNode
+    assert node.modelId == "wide-window"
+    assert (node.windowLevel, node.windowWidth) == (3000.0, 8000.0)
+    assert (panel.ui.windowLevelSpinBox.value, panel.ui.windowWidthSpinBox.value) == (3000, 8000)
+    assert "outside what the panel can show" in panel.ui.logTextEdit.plainText
+    modified = []
+    tag = node.parameterNode.AddObserver(__import__("vtk").vtkCommand.ModifiedEvent,
+                                         lambda caller, event: modified.append(1))
+    try:
+        node.device = "cpu"
+        assert modified, "the parameter node no longer sends Modified events"
+        assert panel.ui.deviceComboBox.currentIndex == 2  # the panel follows it
+    finally:
+        node.parameterNode.RemoveObserver(tag)
+
+
+def test_the_real_within_range_rejects_what_the_stand_in_accepted(panel):
+    with pytest.raises(ValueError, match="within range"):
+        panel._parameterNode.windowWidth = 0.0
+
+
+def test_a_failed_install_is_shown_as_the_modules_message(panel, monkeypatch):
+    import subprocess
+
+    from SlicerUNetSegLib import dependencies
+
+    monkeypatch.setattr(dependencies, "missingRequirements", lambda: ["monai>=1.4"])
+
+    def pipInstall(requirements):
+        raise subprocess.CalledProcessError(1, ["pip", "install"], output="no network")
+
+    monkeypatch.setattr(slicer.util, "pip_install", pipInstall)
+    panel.onSegmentButton()  # raised CalledProcessError into the console before
+    assert panel.errors and "pip failed" in panel.errors[-1]
+    assert not panel.logic.isRunning()

@@ -6,8 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+from .checks import check_settings, modality_warnings
 from .errors import UNetSegError
-from .imageio import SEG_EXTENSION, check_output_path, read_image, write_label_map
+from .imageio import read_image
+from .outputs import SEG_EXTENSION, check_output_path, write_label_map
 
 
 class TerminalProgress:
@@ -46,14 +48,16 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
                   postprocess: bool = True, quiet: bool = False):
     """Read the inputs, segment them, and write ``output`` (label map or .seg.nrrd) atomically.
 
-    Every check (output folder, model, inputs) runs before the slow work, so bad input fails fast
-    and leaves no file behind.
+    Every check (settings, output path, model, inputs) runs before the slow work, so bad input fails
+    fast and leaves no file behind. A scan that does not look like the model's modality is warned
+    about at once, on stderr, even with ``quiet``: the user may want to stop the run.
     """
     from .modelpkg import get_model
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    out_path = check_output_path(output)
+    check_settings(window=window, overlap=overlap, sw_batch_size=sw_batch_size)
+    out_path = check_output_path(output, inputs)
     package = get_model(model)
     n_expected = len(package.meta["inputs"])
     if len(inputs) != n_expected:
@@ -65,6 +69,9 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
     t = time.perf_counter()
     images = [read_image(p) for p in inputs]
     timings["read_s"] = time.perf_counter() - t
+    warnings = modality_warnings(images, package.meta["modality"])
+    for warning in warnings:
+        print(f"unetseg: warning: {warning}", file=sys.stderr)
 
     from .inference import Predictor
 
@@ -90,7 +97,8 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
     progress.finish()
     if not quiet:
         for message in result.messages:
-            print(f"note: {message}", file=sys.stderr)
+            if message not in warnings:  # printed before the run already
+                print(f"note: {message}", file=sys.stderr)
         stages = "  ".join(f"{k[:-2]} {v:.2f}s" for k, v in timings.items() if k != "total_s")
         print(f"Segmented {Path(inputs[0]).name} with '{package.id}' on {result.device} in "
               f"{timings['total_s']:.1f} s ({stages})", file=sys.stderr)

@@ -31,7 +31,8 @@ import numpy as np
 
 from .dicomseries import DicomSeries, read_series, series_in_folder
 from .errors import UNetSegError
-from .imageio import LABEL_EXTENSIONS, SEG_EXTENSION, atomic_write, read_image
+from .imageio import read_image
+from .outputs import LABEL_EXTENSIONS, SEG_EXTENSION, atomic_write
 from .pipeline import OUTPUT_TYPES, load_predictor, output_kind, run_one
 
 MARKER = "done.json"

@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
+from .checks import check_settings
 from .errors import UNetSegError
 
 
@@ -22,8 +25,7 @@ def _window(text: str | None):
         level, width = (float(v) for v in text.split(","))
     except ValueError:
         raise UNetSegError(f"--window takes LEVEL,WIDTH in HU (e.g. 40,400), not '{text}'.") from None
-    if width <= 0:
-        raise UNetSegError(f"--window width must be positive, not {width}.")
+    check_settings(window=(level, width))
     return level, width
 
 
@@ -286,17 +288,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_once(signum, frame) -> None:
+    """Ctrl-C: stop the run, and ignore further Ctrl-Cs so the clean-up (removing the temporary
+    output, PyTorch's exit handlers) is not cut short with a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    own_handler = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if own_handler:
+        signal.signal(signal.SIGINT, _interrupt_once)
     try:
         return args.func(args)
     except UNetSegError as error:
         print(f"unetseg: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # also when the interrupt did not come from us
         print("unetseg: interrupted; no output was written.", file=sys.stderr)
-        return 130
+        return 130  # Ctrl-C stays ignored: the process is ending
+    finally:
+        if own_handler and signal.getsignal(signal.SIGINT) is _interrupt_once:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # main() called from Python
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from .dicomseries import DicomSeries
 from .errors import UNetSegError
-from .imageio import atomic_write
+from .outputs import atomic_write
 
 MANUFACTURER = "SlicerUNetSeg"
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",

@@ -285,8 +285,8 @@ def write_performance(report: dict[str, Any], dataset: str, cases: str, tta: boo
     """Record measured accuracy in the model's metadata (the weights, and so the checksum, stay)."""
     import platform
 
-    from .imageio import atomic_write
     from .modelpkg import METADATA_FILE
+    from .outputs import atomic_write
 
     package = report["package"]
     s = report["summary"]

@@ -1,4 +1,6 @@
-"""Reading and checking input volumes, and writing label maps without leaving half-written files.
+"""Reading input volumes (NIfTI/NRRD/MHA files, DICOM folders), checked before and after reading.
+
+The checks themselves live in ``checks``; writing outputs lives in ``outputs``.
 
 Volumes travel through the engine as ``SimpleITK.Image`` objects: they carry spacing, origin and
 direction (LPS, ITK's convention), so geometry is never lost between stages. Arrays taken from them are
@@ -8,16 +10,13 @@ in (k, j, i) = (z, y, x) order, the same as Slicer's ``arrayFromVolume``.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from .checks import check_file_contents, check_regular_file, check_volume
 from .errors import UNetSegError
-
-LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-SEG_EXTENSION = ".seg.nrrd"
 
 
 def image_from_array(array_kji: np.ndarray, spacing_xyz, origin_lps, direction_lps) -> sitk.Image:
@@ -33,7 +32,8 @@ def image_from_array(array_kji: np.ndarray, spacing_xyz, origin_lps, direction_l
     return image
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+def dicom_series_files(folder: Path) -> tuple[str, ...]:
+    """The files of the one DICOM series in ``folder``, in slice order."""
     reader = sitk.ImageSeriesReader()
     series_ids = reader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
@@ -42,19 +42,30 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     if len(series_ids) > 1:
         raise UNetSegError(f"Folder '{folder}' holds {len(series_ids)} DICOM series; put one series "
                            "per folder (or convert it to NIfTI) and try again.")
-    files = reader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    return reader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
     from .dicomseries import check_slice_geometry
 
+    files = dicom_series_files(folder)
     check_slice_geometry(files)  # refuses missing slices and varying spacing (the reader would stretch)
+    reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     return reader.Execute()
 
 
 def read_image(path: str | os.PathLike, what: str = "input") -> sitk.Image:
-    """Read a NIfTI/NRRD/MHA file or a folder with one DICOM series, and check it is a usable 3D scan."""
+    """Read a NIfTI/NRRD/MHA file or a folder with one DICOM series, and check it is a usable 3D scan.
+
+    The file is checked before ITK reads it (``checks.check_file_contents``), because ITK's readers
+    block, zero-fill or allocate without bound on files that do not match their header.
+    """
     path = Path(path)
     if not path.exists():
         raise UNetSegError(f"The {what} '{path}' does not exist. Check the path.")
+    check_regular_file(path, what)
+    check_file_contents(path, f"{what} '{path.name}'")
     try:
         image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
     except UNetSegError:
@@ -65,69 +76,6 @@ def read_image(path: str | os.PathLike, what: str = "input") -> sitk.Image:
                            "file, or a folder holding one DICOM series.") from None
     check_volume(image, f"{what} '{path.name}'")
     return image
-
-
-def check_volume(image: sitk.Image, what: str = "input volume") -> None:
-    """Refuse images the engine cannot segment, with a message that says what to do."""
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise UNetSegError(f"The {what} has {image.GetNumberOfComponentsPerPixel()} components per "
-                           "voxel (a colour or vector image); give a single-channel scan.")
-    dim = image.GetDimension()
-    if dim == 4:
-        raise UNetSegError(f"The {what} is 4D (size {image.GetSize()}); give one 3D scan (extract one "
-                           "time point or channel first).")
-    if dim == 2:
-        raise UNetSegError(f"The {what} is a 2D image (size {image.GetSize()}); the models need a 3D "
-                           "volume with several slices.")
-    if dim != 3:
-        raise UNetSegError(f"The {what} has {dim} dimensions; give a 3D volume.")
-    size = image.GetSize()
-    if min(size) == 0:
-        raise UNetSegError(f"The {what} is empty (size {size}).")
-    if sorted(size)[0] < 2:
-        raise UNetSegError(f"The {what} has a single slice (size {size}); it is a 2D image. Give a 3D "
-                           "volume with several slices.")
-    view = sitk.GetArrayViewFromImage(image)
-    if np.issubdtype(view.dtype, np.floating) and not np.isfinite(view).all():
-        raise UNetSegError(f"The {what} contains NaN or infinite voxel values; fix or mask them and "
-                           "try again.")
-    if view.min() == view.max():
-        raise UNetSegError(f"The {what} is empty: every voxel has the value {view.flat[0]}. "
-                           "Check that the right file was given.")
-
-
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Check that the output path has a supported extension and an existing folder."""
-    path = Path(path)
-    name = path.name.lower()
-    if not (name.endswith(SEG_EXTENSION) or name.endswith(LABEL_EXTENSIONS)):
-        raise UNetSegError(f"Unsupported output '{path.name}': use .nii.gz, .nrrd or .mha for a label "
-                           f"map, or {SEG_EXTENSION} for a Slicer segmentation.")
-    if not path.parent.exists():
-        raise UNetSegError(f"The output folder '{path.parent}' does not exist; create it first.")
-    if not path.parent.is_dir():
-        raise UNetSegError(f"'{path.parent}' is not a folder.")
-    return path
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` for a temporary file next to ``path``, then rename it into place."""
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_label_map(label: sitk.Image, path: str | os.PathLike) -> None:
-    """Write a label map atomically (compressed)."""
-    path = check_output_path(path)
-    atomic_write(path, lambda tmp: sitk.WriteImage(label, tmp, useCompression=True))
 
 
 def grid_differences(a, b) -> list[str]:

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from .checks import check_settings, check_volume, modality_warnings
 from .errors import CancelledError, UNetSegError
-from .imageio import check_volume
 from .modelpkg import ModelPackage, get_model
 from .postprocess import clean_mask, postprocess_label_map
 from .preprocess import Box, box_reference, prepare
@@ -123,8 +123,7 @@ class Predictor:
                                "the CPU, or install a CUDA build of PyTorch.")
         if device not in ("cpu", "cuda"):
             raise UNetSegError(f"Unknown device '{device}': use auto, cpu or cuda.")
-        if overlap is not None and not 0 <= overlap < 1:
-            raise UNetSegError(f"Overlap must be in [0, 1), not {overlap}.")
+        check_settings(overlap=overlap, sw_batch_size=sw_batch_size)
         self.device = device
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
@@ -178,10 +177,11 @@ class Predictor:
                                f"{len(images)} were given.")
         for i, image in enumerate(images):
             check_volume(image, f"input volume {i + 1}")
+        check_settings(window=window)
         report = progress or (lambda stage, fraction: None)
         is_cancelled = cancel or (lambda: False)
         timings: dict[str, float] = {}
-        messages: list[str] = []
+        messages = modality_warnings(images, model.meta["modality"])
 
         t = time.perf_counter()
         report("preprocessing", 0.0)

@@ -6,8 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+from .checks import check_settings, modality_warnings
 from .errors import UNetSegError
-from .imageio import LABEL_EXTENSIONS, SEG_EXTENSION, check_output_path, read_image, write_label_map
+from .imageio import read_image
+from .outputs import LABEL_EXTENSIONS, SEG_EXTENSION, check_output_path, write_label_map
 
 DICOM_EXTENSION = ".dcm"
 
@@ -65,14 +67,9 @@ def output_kind(output: str | Path, output_type: str | None = None) -> str:
     return wanted
 
 
-def check_output(output: str | Path, kind: str) -> Path:
-    """The output path, checked before any slow work."""
-    if kind != "dicom-seg":
-        return check_output_path(output)
-    path = Path(output)
-    if not path.parent.is_dir():
-        raise UNetSegError(f"The output folder '{path.parent}' does not exist; create it first.")
-    return path
+def check_output(output: str | Path, kind: str, inputs=()) -> Path:
+    """The output path, checked before any slow work: writable, and none of the ``inputs``."""
+    return check_output_path(output, inputs, dicom_seg=kind == "dicom-seg")
 
 
 def dicom_source(input_path: str | Path):
@@ -137,15 +134,17 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
     """Read the inputs, segment them, and write ``output`` (label map, .seg.nrrd or DICOM SEG)
     atomically.
 
-    Every check (output folder, model, inputs) runs before the slow work, so bad input fails fast
-    and leaves no file behind.
+    Every check (settings, output path, model, inputs) runs before the slow work, so bad input fails
+    fast and leaves no file behind. A scan that does not look like the model's modality is warned
+    about at once, on stderr, even with ``quiet``: the user may want to stop the run.
     """
     from .modelpkg import get_model
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    check_settings(window=window, overlap=overlap, sw_batch_size=sw_batch_size)
     kind = output_kind(output, output_type)
-    out_path = check_output(output, kind)
+    out_path = check_output(output, kind, inputs)
     package = get_model(model)
     n_expected = len(package.meta["inputs"])
     if len(inputs) != n_expected:
@@ -158,6 +157,9 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
     t = time.perf_counter()
     images = [read_image(p) for p in inputs]
     timings["read_s"] = time.perf_counter() - t
+    warnings = modality_warnings(images, package.meta["modality"])
+    for warning in warnings:
+        print(f"unetseg: warning: {warning}", file=sys.stderr)
 
     t = time.perf_counter()
     progress("loading model", 0.0)
@@ -171,7 +173,8 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
     progress.finish()
     if not quiet:
         for message in notes:
-            print(f"note: {message}", file=sys.stderr)
+            if message not in warnings:  # printed before the run already
+                print(f"note: {message}", file=sys.stderr)
         stages = "  ".join(f"{k[:-2]} {v:.2f}s" for k, v in timings.items() if k != "total_s")
         print(f"Segmented {Path(inputs[0]).name} with '{package.id}' on {result.device} in "
               f"{timings['total_s']:.1f} s ({stages})", file=sys.stderr)

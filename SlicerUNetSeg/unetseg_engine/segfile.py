@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .imageio import atomic_write, check_output_path
+from .outputs import atomic_write, check_output_path, verify_image_file
 
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
@@ -90,4 +90,5 @@ def write_seg_nrrd(path: str | Path, label_map: sitk.Image, labels: list[dict[st
                     "encoding": "gzip", "segments": segments,
                     "containedRepresentationNames": ["Binary labelmap"],
                     "masterRepresentation": "Binary labelmap"}
-    atomic_write(path, lambda tmp: slicerio.write_segmentation(tmp, segmentation, compression_level=1))
+    atomic_write(path, lambda tmp: slicerio.write_segmentation(tmp, segmentation, compression_level=1),
+                 verify=lambda tmp: verify_image_file(tmp, label_map, layers=True))

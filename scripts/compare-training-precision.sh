@@ -10,6 +10,7 @@ bash scripts/setup.sh
 DATA=${UNETSEG_DATA:-../shared/data}/openkbp_hn_oar
 N=${1:-300}
 RUN=${2:-runs/precision}
+mkdir -p "$RUN"
 for precision in fp32 bf16; do
   .venv/bin/unetseg train "$DATA" -o "$RUN/$precision" --recipe recipes/openkbp-hn-oar.json \
       --model-id "precision-$precision" --device cpu --precision "$precision" --iterations "$N" \

@@ -55,6 +55,7 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     messages: list[str] = field(default_factory=list)
+    runtime: str = "torch"  # which ran the network: torch, openvino or onnxruntime
 
     def label_mask(self, value: int) -> tuple[Box, np.ndarray]:
         """One label's mask as (box, bool array) in the input's index space."""
@@ -111,8 +112,10 @@ class Predictor:
 
     def __init__(self, device: str = "auto", overlap: float | None = None,
                  sw_batch_size: int | None = None, tta: bool = False, postprocess: bool = True,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, runtime: str = "auto") -> None:
         import torch
+
+        from .runtimes import check_runtime
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -126,6 +129,10 @@ class Predictor:
         if overlap is not None and not 0 <= overlap < 1:
             raise UNetSegError(f"Overlap must be in [0, 1), not {overlap}.")
         self.device = device
+        self.runtime_request = check_runtime(runtime)  # auto, torch, openvino, onnxruntime
+        self.runtime = "torch"  # what runs the windows once loaded (``runtimes.select_runtime``)
+        self.window_runners: list = []
+        self.runtime_notes: list[str] = []
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
         self.tta = tta
@@ -139,26 +146,37 @@ class Predictor:
         import torch
 
         from .networks import build_network, channels_last_instance_norm, volume_network
+        from .runtimes import select_runtime
 
         package = model if isinstance(model, ModelPackage) else get_model(model)
         if self.has_loaded(package):
             return self.model
         net = package.meta["network"]
-        networks = []
-        for state in package.load_state_dicts():
+        states = package.load_state_dicts()
+
+        def fresh(index: int):
             core = build_network(net["architecture"], net["spatial_dims"],
                                  len(package.meta["inputs"]), package.out_channels, net["params"])
             try:
-                core.load_state_dict(state)  # float16-stored weights become float32 here
+                core.load_state_dict(states[index])  # float16-stored weights become float32 here
             except RuntimeError as error:
                 raise UNetSegError(f"The weights of model '{package.id}' do not fit its network "
                                    f"description ({str(error).splitlines()[0]}).") from None
-            network = volume_network(core, net["spatial_dims"]).eval().to(self.device)
+            return volume_network(core, net["spatial_dims"]).eval()
+
+        networks = []
+        for index in range(len(states)):
+            network = fresh(index).to(self.device)
             if net["spatial_dims"] == 3:  # oneDNN (CPU) and cuDNN convolutions run faster channels-last
                 network = network.to(memory_format=torch.channels_last_3d)
                 if self.device == "cpu":
                     channels_last_instance_norm(network)
             networks.append(network)
+        args = self._windows_args(package)
+        self.runtime, self.window_runners, self.runtime_notes = select_runtime(
+            self.runtime_request, self.device, networks, fresh,
+            [w["sha256"] for w in package.weight_files], args["roi_size"], len(package.meta["inputs"]),
+            args["sw_batch_size"])
         self.networks = networks
         self.model = package
         return package
@@ -187,7 +205,7 @@ class Predictor:
         report = progress or (lambda stage, fraction: None)
         is_cancelled = cancel or (lambda: False)
         timings: dict[str, float] = {}
-        messages: list[str] = []
+        messages: list[str] = list(self.runtime_notes)
 
         t = time.perf_counter()
         report("preprocessing", 0.0)
@@ -205,10 +223,10 @@ class Predictor:
         label_map, masks = self._to_input_grid(probs, prepared, is_cancelled)
         timings["resample_s"] = time.perf_counter() - t
         report("done", 1.0)
-        return SegmentationResult(label_map, model, masks, timings, self.device, messages)
+        return SegmentationResult(label_map, model, masks, timings, self.device, messages, self.runtime)
 
-    def _windows_args(self) -> dict[str, Any]:
-        meta = self.model.meta["inference"]  # type: ignore[union-attr]
+    def _windows_args(self, model: ModelPackage | None = None) -> dict[str, Any]:
+        meta = (model or self.model).meta["inference"]  # type: ignore[union-attr]
         return {
             "roi_size": list(reversed(meta["patch_size"])),
             "overlap": self.overlap if self.overlap is not None else meta.get("overlap", 0.5),
@@ -248,18 +266,20 @@ class Predictor:
         from monai.inferers import sliding_window_inference
 
         multilabel = self.model.multilabel  # type: ignore[union-attr]
+        # the window runner seam: PyTorch runs the networks (moved by the out-of-memory fallback)
+        runners = self.networks if self.runtime == "torch" else self.window_runners
         flips = self._tta_flips()
         mirror = self._mirror_channels()
         n_windows = _count_windows(array.shape[1:], args["roi_size"], args["overlap"])
         calls_per_pass = math.ceil(n_windows / args["sw_batch_size"])
-        total_calls = max(1, calls_per_pass * len(flips) * len(self.networks))
+        total_calls = max(1, calls_per_pass * len(flips) * len(runners))
         done = [0]
 
-        def predictor_for(network):
+        def predictor_for(runner):
             def predictor(x):
                 if is_cancelled():
                     raise CancelledError()
-                out = network(x)
+                out = runner(x)
                 done[0] += 1
                 report("inference", min(1.0, done[0] / total_calls))
                 return out
@@ -270,7 +290,7 @@ class Predictor:
         if sw_device == "cuda" and x.dim() == 5:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         summed = None
-        passes = [(member, axes) for member in self.networks for axes in flips]
+        passes = [(member, axes) for member in runners for axes in flips]
         with torch.inference_mode(), torch.autocast("cuda", enabled=sw_device == "cuda"):
             for network, axes in passes:
                 xin = torch.flip(x, axes) if axes else x

@@ -43,7 +43,7 @@ class TerminalProgress:
 
 def segment_files(inputs: list[str], output: str, *, model: str | None = None, device: str = "auto",
                   window=None, overlap=None, sw_batch_size=None, tta: bool = False,
-                  postprocess: bool = True, quiet: bool = False):
+                  postprocess: bool = True, quiet: bool = False, runtime: str = "auto"):
     """Read the inputs, segment them, and write ``output`` (label map or .seg.nrrd) atomically.
 
     Every check (output folder, model, inputs) runs before the slow work, so bad input fails fast
@@ -71,7 +71,7 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
     t = time.perf_counter()
     progress("loading model", 0.0)
     predictor = Predictor(device=device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta,
-                          postprocess=postprocess)
+                          postprocess=postprocess, runtime=runtime)
     predictor.load(package)
     timings["load_model_s"] = time.perf_counter() - t
     result = predictor.predict(images, window=window, progress=progress)
@@ -92,7 +92,10 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
         for message in result.messages:
             print(f"note: {message}", file=sys.stderr)
         stages = "  ".join(f"{k[:-2]} {v:.2f}s" for k, v in timings.items() if k != "total_s")
-        print(f"Segmented {Path(inputs[0]).name} with '{package.id}' on {result.device} in "
+        from .runtimes import RUNTIME_TITLES
+
+        print(f"Segmented {Path(inputs[0]).name} with '{package.id}' on {result.device} "
+              f"({RUNTIME_TITLES[result.runtime]}) in "
               f"{timings['total_s']:.1f} s ({stages})", file=sys.stderr)
         print(f"Wrote {out_path}", file=sys.stderr)
     return result, timings

@@ -172,11 +172,10 @@ class Predictor:
                 if self.device == "cpu":
                     channels_last_instance_norm(network)
             networks.append(network)
-        args = self._windows_args(package)
         self.runtime, self.window_runners, self.runtime_notes = select_runtime(
             self.runtime_request, self.device, networks, fresh,
-            [w["sha256"] for w in package.weight_files], args["roi_size"], len(package.meta["inputs"]),
-            args["sw_batch_size"])
+            [w["sha256"] for w in package.weight_files], self._windows_args(package)["roi_size"],
+            len(package.meta["inputs"]))
         self.networks = networks
         self.model = package
         return package

@@ -231,7 +231,7 @@ def build_runner(name: str, make_network: Callable[[], Any], weights_sha256: str
 
 
 def select_runtime(requested: str, device: str, networks: list, make_network: Callable[[int], Any],
-                   weights_sha256: list[str], window_zyx, in_channels: int, batch: int
+                   weights_sha256: list[str], window_zyx, in_channels: int
                    ) -> tuple[str, list[WindowRunner], list[str]]:
     """(runtime, one window runner per network, notes for the user) for a loaded model.
 
@@ -258,8 +258,10 @@ def select_runtime(requested: str, device: str, networks: list, make_network: Ca
         except RuntimeUnavailable as error:
             notes.append(f"{RUNTIME_TITLES[name]} is not available: {error}; running on PyTorch.")
     if requested == "auto" and len(built) > 1:
+        # timed on one window: the compiled runtimes run windows one at a time anyway, and the
+        # first load pays for it (about 2.5 s for the three runtimes on 2 cores)
         name, _ = choose_auto({n: r[0] for n, r in built.items()}, "+".join(weights_sha256),
-                              window_zyx, in_channels, batch, threads)
+                              window_zyx, in_channels, 1, threads)
         return name, built[name], notes
     if requested in built:
         return requested, built[requested], notes

@@ -102,9 +102,12 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.windowPresetComboBox.addItem(f"{name} ({level:g} / {width:g})", [level, width])
         for text, value in panelText.DEVICE_CHOICES:
             self.ui.deviceComboBox.addItem(text, value)
+        for text, value in panelText.RUNTIME_CHOICES:
+            self.ui.runtimeComboBox.addItem(text, value)
 
         self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
         self.ui.deviceComboBox.currentIndexChanged.connect(self.onDeviceChanged)
+        self.ui.runtimeComboBox.currentIndexChanged.connect(self.onRuntimeChanged)
         self.ui.windowPresetComboBox.activated.connect(self.onWindowPreset)
         self.ui.importModelButton.clicked.connect(lambda *args: self.onImportModel())
         self.ui.applyDisplayWindowButton.clicked.connect(lambda *args: self.onApplyDisplayWindow())
@@ -176,12 +179,14 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             blocked = self.ui.modelComboBox.blockSignals(True)
             self.ui.modelComboBox.setCurrentIndex(index)
             self.ui.modelComboBox.blockSignals(blocked)
-        deviceIndex = [value for _, value in panelText.DEVICE_CHOICES].index(node.device) \
-            if node.device in ("auto", "cuda", "cpu") else 0
-        if prop(self.ui.deviceComboBox, "currentIndex") != deviceIndex:
-            blocked = self.ui.deviceComboBox.blockSignals(True)
-            self.ui.deviceComboBox.setCurrentIndex(deviceIndex)
-            self.ui.deviceComboBox.blockSignals(blocked)
+        for combo, choices, value in ((self.ui.deviceComboBox, panelText.DEVICE_CHOICES, node.device),
+                                      (self.ui.runtimeComboBox, panelText.RUNTIME_CHOICES, node.runtime)):
+            values = [v for _, v in choices]
+            wanted = values.index(value) if value in values else 0
+            if prop(combo, "currentIndex") != wanted:
+                blocked = combo.blockSignals(True)
+                combo.setCurrentIndex(wanted)
+                combo.blockSignals(blocked)
         self.ui.modelInfoLabel.setText(panelText.modelInfoHtml(model) if model else
                                        "No model installed: use 'Import model...'.")
         channels = model["inputs"] if model else ["Input"]
@@ -207,7 +212,8 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.setText("Cancel" if running else "Segment")
         self.ui.segmentButton.setToolTip("Stop the running segmentation" if running else
                                          "Segment the input volume(s) with the selected model")
-        for widget in (self.ui.modelComboBox, self.ui.importModelButton, self.ui.deviceComboBox):
+        for widget in (self.ui.modelComboBox, self.ui.importModelButton, self.ui.deviceComboBox,
+                       self.ui.runtimeComboBox):
             widget.setEnabled(not running)
 
     # ---- models, window, device -------------------------------------------------------------------
@@ -251,6 +257,10 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDeviceChanged(self, index) -> None:
         if self._parameterNode and 0 <= index < len(panelText.DEVICE_CHOICES):
             self._parameterNode.device = panelText.DEVICE_CHOICES[index][1]
+
+    def onRuntimeChanged(self, index) -> None:
+        if self._parameterNode and 0 <= index < len(panelText.RUNTIME_CHOICES):
+            self._parameterNode.runtime = panelText.RUNTIME_CHOICES[index][1]
 
     def onWindowPreset(self, index) -> None:
         node, model = self._parameterNode, self.currentModel()
@@ -322,7 +332,7 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.startSegmentation(
                 [getattr(node, name) for name in INPUT_PARAMETERS[:len(model["inputs"])]], output,
                 model["id"], node.device, window, replaceExisting=replace, onProgress=self.onProgress,
-                onDone=self.onDone)
+                onDone=self.onDone, runtime=node.runtime)
         except UNetSegError as error:
             self.showError(str(error))
             return
@@ -357,7 +367,8 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.stageLabel.setText("done")
             for message in job.messages:
                 self.log(f"note: {message}")
-            self.log(f"Done on {job.device}. " + panelText.timingSummary(job.timings, job.warm))
+            self.log(f"Done on {job.device} ({panelText.runtimeTitle(job.runtime)}). "
+                     + panelText.timingSummary(job.timings, job.warm))
             self.onShow3D(self.ui.show3DButton.isChecked())
         elif job.state == "cancelled":
             self.ui.stageLabel.setText("cancelled")

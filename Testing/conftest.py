@@ -26,7 +26,14 @@ def tiny_multilabel_package(tmp_path_factory):
                         bias={0: 3.0, 1: 3.0, 2: -3.0})
 
 
+@pytest.fixture(scope="session")
+def runtime_cache(tmp_path_factory):
+    """One runtime cache (exported ONNX graphs, auto's measurements) for the test session."""
+    return tmp_path_factory.mktemp("unetseg-cache")
+
+
 @pytest.fixture(autouse=True)
-def _few_threads(monkeypatch):
-    """Two cores on CI: keep each test to its share."""
+def _few_threads(monkeypatch, runtime_cache):
+    """Two cores on CI: keep each test to its share. The runtime cache stays out of the home folder."""
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("UNETSEG_CACHE", str(runtime_cache))

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from helpers import OPENKBP_LABELS, make_package, openkbp, tiny_meta
 from unetseg_engine.benchmark import CLINICAL_SIZE, clinical_grid, same_grid
 from unetseg_engine.cli import main
+from unetseg_engine.runtimes import installed_runtimes
 
 
 def test_clinical_grid_covers_the_same_extent():
@@ -47,9 +48,15 @@ def test_benchmark_native_json_and_grids(tmp_path):
     assert status == 0
     report = json.loads(out_json.read_text())
     assert set(report) >= {"machine", "cases"}
-    assert len(report["cases"]) == 1
+    installed = installed_runtimes()
+    # one entry per installed runtime, each naming it; the reference ran once and is in each
+    assert [c["runtime"] for c in report["cases"]] == installed
+    assert all(c["ours"]["runtime"] == c["runtime"] and not c["ours"]["runtime_notes"]
+               for c in report["cases"])
+    assert all(c["reference"] == report["cases"][0]["reference"] for c in report["cases"])
     case = report["cases"][0]
     assert case["device"] == "cpu" and case["shape"] == [128, 128, 128]
+    assert case["ours"]["window_s"] > 0 and case["ours"]["load_model_cached_s"] > 0
     for key in ("ours", "reference"):
         result = case[key]
         assert "error" not in result, result.get("error")
@@ -65,8 +72,8 @@ def test_benchmark_native_json_and_grids(tmp_path):
 
     # Independently of the benchmark's own check: both kept label maps are on the scan's grid.
     scan = sitk.ReadImage(str(ct_path))
-    for kind in ("ours", "reference"):
-        pred = sitk.ReadImage(str(keep / f"pt_201_native_{kind}_cpu.nrrd"))
+    for name in [f"ours_{runtime}" for runtime in installed] + ["reference"]:
+        pred = sitk.ReadImage(str(keep / f"pt_201_native_{name}_cpu.nrrd"))
         assert same_grid(pred, scan)
         values = set(np.unique(sitk.GetArrayViewFromImage(pred)).tolist())
         assert values <= set(range(len(OPENKBP_LABELS) + 1))

@@ -12,4 +12,5 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[test]"
+# "fast": OpenVINO and ONNX Runtime, the faster CPU runtimes (``unetseg segment --runtime``)
+.venv/bin/python -m pip install -q -e ".[test,fast]"

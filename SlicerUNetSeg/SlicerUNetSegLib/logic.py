@@ -26,6 +26,7 @@ import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from unetseg_engine.errors import CancelledError, UNetSegError
+from unetseg_engine.runtimes import RUNTIME_CHOICES as RUNTIMES
 
 from .geometry import checkVolume, writeVolumeForWorker
 from .parameters import SlicerUNetSegParameterNode
@@ -52,6 +53,7 @@ class SegmentationJob:
         self.messages: list[str] = []
         self.warm = False
         self.device = None
+        self.runtime = None  # which ran the network: torch, openvino or onnxruntime
         self.startTime = time.perf_counter()
 
     @property
@@ -123,7 +125,8 @@ class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
                           device: str = "auto", window=None, replaceExisting: bool = False,
                           overlap: float | None = None, tta: bool = False, postprocess: bool = True,
                           onProgress: ProgressCallback | None = None,
-                          onDone: Callable[[SegmentationJob], None] | None = None) -> SegmentationJob:
+                          onDone: Callable[[SegmentationJob], None] | None = None,
+                          runtime: str = "auto") -> SegmentationJob:
         """Check everything, write the inputs for the worker and start it; returns at once.
 
         Raises UNetSegError (nothing in the scene changed) for problems found before the run: wrong
@@ -146,6 +149,8 @@ class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
                                "module: right-click > Harden transform) so they share one frame.")
         if device not in ("auto", "cuda", "cpu"):
             raise UNetSegError(f"Unknown device '{device}': use 'auto', 'cuda' (GPU) or 'cpu'.")
+        if runtime not in RUNTIMES:
+            raise UNetSegError(f"Unknown runtime '{runtime}': use {', '.join(RUNTIMES)}.")
         if outputSegmentation is not None and not replaceExisting and \
                 outputSegmentation.GetSegmentation().GetNumberOfSegments() > 0:
             raise UNetSegError(
@@ -161,7 +166,8 @@ class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
                       for index, volume in enumerate(inputVolumes)]
             job.timings["write_input_s"] = time.perf_counter() - t
             self.runner.start({
-                "id": job.id, "model": str(model.path), "device": device, "window": job.window,
+                "id": job.id, "model": str(model.path), "device": device, "runtime": runtime,
+                "window": job.window,
                 "overlap": overlap, "tta": tta, "postprocess": postprocess, "inputs": inputs,
                 "output_dir": f"{job.tempDir}/output"})
         except BaseException:
@@ -247,6 +253,7 @@ class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
         job.timings.update(event.get("timings", {}))
         job.timings["build_segmentation_s"] = time.perf_counter() - t
         job.segmentationNode, job.warm, job.device = node, bool(event.get("warm")), event.get("device")
+        job.runtime = event.get("runtime", "torch")
         job.messages = list(event.get("messages", []))
         self._end(job, "done")
 

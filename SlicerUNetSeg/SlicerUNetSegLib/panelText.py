@@ -10,6 +10,13 @@ from typing import Any
 WINDOW_PRESETS = [("Soft tissue", 40.0, 400.0), ("Lung", -600.0, 1500.0), ("Bone", 400.0, 1800.0),
                   ("Brain", 40.0, 80.0)]
 DEVICE_CHOICES = [("Auto (GPU if available)", "auto"), ("GPU (CUDA)", "cuda"), ("CPU", "cpu")]
+RUNTIME_CHOICES = [("Auto (fastest installed)", "auto"), ("PyTorch", "torch"), ("OpenVINO", "openvino"),
+                   ("ONNX Runtime", "onnxruntime")]
+
+
+def runtimeTitle(runtime: str | None) -> str:
+    """The name of the runtime that ran the network, as the runtime combo box shows it."""
+    return dict((v, t) for t, v in RUNTIME_CHOICES[1:]).get(runtime or "torch", str(runtime))
 
 
 def modelInfoHtml(summary: dict[str, Any]) -> str:

@@ -1,8 +1,8 @@
 """The module's parameter node: every panel setting, saved with the scene.
 
 Widgets in ``Resources/UI/SlicerUNetSeg.ui`` bind to these names through their ``SlicerParameterName``
-dynamic property (``connectGui``); the model and device combo boxes are synchronised by the widget
-because their items are filled at run time.
+dynamic property (``connectGui``); the model, device and runtime combo boxes are synchronised by the
+widget because their items are filled at run time.
 """
 
 from typing import Annotated
@@ -30,7 +30,9 @@ class SlicerUNetSegParameterNode:
     """inputVolume..inputVolume4: one per model input channel, in the model's order.
     outputSegmentation: None means "create a new segmentation".
     overrideWindow/windowLevel/windowWidth: the preprocessing window (never the volume's voxels).
-    device: "auto", "cuda" or "cpu"."""
+    device: "auto", "cuda" or "cpu".
+    runtime: what runs the network on the CPU: "auto" (the fastest installed), "torch", "openvino"
+    or "onnxruntime"."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     inputVolume2: vtkMRMLScalarVolumeNode
@@ -43,4 +45,5 @@ class SlicerUNetSegParameterNode:
     windowLevel: Annotated[float, WithinRange(*WINDOW_LEVEL_RANGE)] = 40.0
     windowWidth: Annotated[float, WithinRange(*WINDOW_WIDTH_RANGE)] = 400.0
     device: str = "auto"
+    runtime: str = "auto"
 

@@ -128,10 +128,13 @@ def _run_ours(args, result: dict[str, Any]) -> sitk.Image:
     result["import_s"] = time.perf_counter() - result.pop("_t_import")
     result["threads"] = torch.get_num_threads()
     result["rss_after_import_mb"] = _peak_rss_mb()
-    predictor = Predictor(device=args.device, postprocess=not args.no_postprocess)
+    predictor = Predictor(device=args.device, postprocess=not args.no_postprocess,
+                          num_threads=args.threads, runtime=args.runtime)
     t = time.perf_counter()
     predictor.load(args.model)
     load_s = time.perf_counter() - t
+    result["runtime"] = predictor.runtime
+    result["runtime_notes"] = predictor.runtime_notes
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     runs = []
@@ -148,7 +151,36 @@ def _run_ours(args, result: dict[str, Any]) -> sitk.Image:
         runs.append({"total_s": total, "stages": stages, "done": time.time()})
         label = out.label_map
     result.update(_summary(runs, load_s, result))
+    result.update(_window_figures(predictor, args))
     return label
+
+
+def _window_figures(predictor, args) -> dict[str, Any]:
+    """Seconds per window (best of 3 calls on a batch of the model's windows) and the model load
+    time once the runtime's cache is filled (what a later process start pays)."""
+    import torch
+
+    from .inference import Predictor
+
+    window_args = predictor._windows_args()
+    batch = window_args["sw_batch_size"]
+    channels = len(predictor.model.meta["inputs"])
+    sample = torch.randn((batch, channels, *window_args["roi_size"]),
+                         generator=torch.Generator().manual_seed(0)).to(args.device)
+    runner = (predictor.networks if predictor.runtime == "torch" else predictor.window_runners)[0]
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            t = time.perf_counter()
+            runner(sample)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    again = Predictor(device=args.device, num_threads=args.threads, runtime=args.runtime)
+    t = time.perf_counter()
+    again.load(args.model)
+    return {"window_s": min(times) / batch, "window_batch": batch,
+            "load_model_cached_s": time.perf_counter() - t}
 
 
 def _run_reference(args, result: dict[str, Any]) -> sitk.Image:
@@ -201,6 +233,7 @@ def child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--runtime", default="torch", choices=["torch", "openvino", "onnxruntime"])
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--no-postprocess", action="store_true", help="ours without the model's clean-up")
@@ -246,17 +279,22 @@ def child_main(argv: list[str] | None = None) -> int:
 
 
 def run_child(kind: str, input_path: Path, model: str, device: str, folder: Path, runs: int,
-              threads: int | None, postprocess: bool = True) -> tuple[dict[str, Any], Path]:
-    pred = folder / f"{input_path.stem}_{kind}_{device}.nrrd"
-    result_path = folder / f"{input_path.stem}_{kind}_{device}.json"
+              threads: int | None, postprocess: bool = True,
+              runtime: str = "torch") -> tuple[dict[str, Any], Path]:
+    """One pipeline in a child process. Ours starts with an empty runtime cache, so its cold start
+    includes exporting and compiling the graph (a user's first Segment)."""
+    name = f"{input_path.stem}_{kind}_{runtime}_{device}" if kind == "ours" else \
+        f"{input_path.stem}_{kind}_{device}"
+    pred = folder / f"{name}.nrrd"
+    result_path = folder / f"{name}.json"
     command = [sys.executable, "-m", "unetseg_engine.benchmark", "--child", kind, "--input",
                str(input_path), "--model", model, "--device", device, "--runs", str(runs),
-               "--pred", str(pred), "--result", str(result_path)]
+               "--pred", str(pred), "--result", str(result_path), "--runtime", runtime]
     if threads:
         command += ["--threads", str(threads)]
     if not postprocess:
         command.append("--no-postprocess")
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", UNETSEG_CACHE=str(folder / f"cache-{name}"))
     process = subprocess.run(command, env=env, capture_output=True, text=True)
     if result_path.is_file():
         result = json.loads(result_path.read_text())
@@ -285,7 +323,7 @@ def machine_info() -> dict[str, Any]:
         info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         pass
-    for name in ("torch", "monai", "SimpleITK", "numpy"):
+    for name in ("torch", "monai", "SimpleITK", "numpy", "openvino", "onnxruntime"):
         try:
             from importlib.metadata import version
 
@@ -306,12 +344,31 @@ def _score(result: dict[str, Any], pred_path: Path, reference_grid: sitk.Image, 
     result["dice"] = round(float(np.mean(list(scores.values()))), 4)
 
 
+def _ratios(entry: dict[str, Any], ours: dict[str, Any], ref: dict[str, Any], device: str) -> None:
+    if "total_s" in ours and "total_s" in ref:
+        entry["ratio_time"] = round(ours["total_s"] / ref["total_s"], 4)
+        entry["ratio_time_cold"] = round(ours["cold_s"] / ref["cold_s"], 4)
+        entry["ratio_memory"] = round(ours["peak_rss_mb"] / ref["peak_rss_mb"], 4)
+        if device == "cuda" and ref.get("peak_gpu_mb"):
+            entry["ratio_gpu_memory"] = round(ours["peak_gpu_mb"] / ref["peak_gpu_mb"], 4)
+    if "dice" in ours and "dice" in ref:
+        entry["dice_difference"] = round(ours["dice"] - ref["dice"], 4)
+
+
 def run_benchmark(model: str | None, case: str = "pt_201", sizes=("native", "clinical"),
                   devices=("cpu",), skip_reference: bool = False, threads: int | None = None,
                   keep: Path | None = None, reference_runs: int | None = None,
-                  postprocess: bool = True, log=print) -> dict[str, Any]:
-    """Run the comparison and return the result dictionary (the JSON written by --json)."""
+                  postprocess: bool = True, log=print, runtimes=None) -> dict[str, Any]:
+    """Run the comparison and return the result dictionary (the JSON written by --json): one entry
+    of ``cases`` per input size, device and runtime of ours (the MONAI reference runs once per size
+    and device, and its figures appear in each of those entries)."""
     from .modelpkg import get_model
+    from .runtimes import RUNTIMES, installed_runtimes
+
+    runtimes = list(runtimes or installed_runtimes())
+    for runtime in runtimes:
+        if runtime not in RUNTIMES:
+            raise UNetSegError(f"Unknown runtime '{runtime}' in --runtimes: use {', '.join(RUNTIMES)}.")
 
     package = get_model(model)
     model_path = str(package.path)
@@ -327,42 +384,45 @@ def run_benchmark(model: str | None, case: str = "pt_201", sizes=("native", "cli
             truth = sitk.GetArrayFromImage(truth_image)
             grid = truth_image  # the input grid (the truth shares it)
             for device in devices:
-                entry: dict[str, Any] = {"name": f"{case} {size}", "size": size, "device": device,
-                                         "shape": list(truth_image.GetSize()),
-                                         "spacing_mm": [round(s, 4) for s in truth_image.GetSpacing()]}
-                log(f"[{case} {size} {device}] our engine ...")
-                ours, pred = run_child("ours", input_path, model_path, device, folder, 2, threads,
-                                       postprocess)
-                ours["postprocess"] = postprocess
-                _score(ours, pred, grid, truth, package.labels, names)
-                entry["ours"] = ours
-                if "skipped" in ours:
-                    entry["skipped"] = ours["skipped"]
-                    log(f"[{case} {size} {device}] skipped: {ours['skipped']}")
+                base: dict[str, Any] = {"name": f"{case} {size}", "size": size, "device": device,
+                                        "shape": list(truth_image.GetSize()),
+                                        "spacing_mm": [round(s, 4) for s in truth_image.GetSpacing()]}
+                ref = None
+                # the compiled runtimes run on the CPU; on CUDA the engine stays on PyTorch
+                for runtime in (runtimes if device == "cpu" else ["torch"]):
+                    entry = dict(base, runtime=runtime)
+                    log(f"[{case} {size} {device}] our engine on {runtime} ...")
+                    ours, pred = run_child("ours", input_path, model_path, device, folder, 2, threads,
+                                           postprocess, runtime)
+                    ours["postprocess"] = postprocess
+                    _score(ours, pred, grid, truth, package.labels, names)
+                    entry["ours"] = ours
+                    if "skipped" in ours:
+                        entry["skipped"] = ours["skipped"]
+                        log(f"[{case} {size} {device}] skipped: {ours['skipped']}")
+                        report["cases"].append(entry)
+                        continue
+                    if not skip_reference and ref is None:
+                        runs = reference_runs or (1 if size == "clinical" else 2)
+                        log(f"[{case} {size} {device}] MONAI reference ...")
+                        ref, pred = run_child("reference", input_path, model_path, device, folder,
+                                              runs, threads)
+                        _score(ref, pred, grid, truth, package.labels, names)
+                    if ref is not None:
+                        entry["reference"] = ref
+                        _ratios(entry, ours, ref, device)
                     report["cases"].append(entry)
-                    continue
-                if not skip_reference:
-                    runs = reference_runs or (1 if size == "clinical" else 2)
-                    log(f"[{case} {size} {device}] MONAI reference ...")
-                    ref, pred = run_child("reference", input_path, model_path, device, folder, runs,
-                                          threads)
-                    _score(ref, pred, grid, truth, package.labels, names)
-                    entry["reference"] = ref
-                    if "total_s" in ours and "total_s" in ref:
-                        entry["ratio_time"] = round(ours["total_s"] / ref["total_s"], 4)
-                        entry["ratio_time_cold"] = round(ours["cold_s"] / ref["cold_s"], 4)
-                        entry["ratio_memory"] = round(ours["peak_rss_mb"] / ref["peak_rss_mb"], 4)
-                        if device == "cuda" and ref.get("peak_gpu_mb"):
-                            entry["ratio_gpu_memory"] = round(ours["peak_gpu_mb"] / ref["peak_gpu_mb"], 4)
-                    if "dice" in ours and "dice" in ref:
-                        entry["dice_difference"] = round(ours["dice"] - ref["dice"], 4)
-                report["cases"].append(entry)
     return report
 
 
 # ---- output -----------------------------------------------------------------------------------
 def _fmt(value, spec: str = ".2f", none: str = "-") -> str:
     return none if value is None else format(value, spec)
+
+
+def case_runtimes(report: dict[str, Any]) -> list[str]:
+    seen = [c.get("runtime", "torch") for c in report["cases"]]
+    return list(dict.fromkeys(seen)) or ["torch"]
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -373,9 +433,10 @@ def format_table(report: dict[str, Any]) -> str:
                  f" CPU cores, {m.get('memory_gb', '?')} GB; torch {m.get('torch')}, monai {m.get('monai')}; "
                  f"load average at start {m.get('load_average')}")
     lines.append(f"Model: {report['model']['id']} ({report['model']['path']})")
-    header = (f"{'case':<32}{'dev':<5}{'pipeline':<10}{'warm s':>8}{'cold s':>8}{'peak RSS MB':>12}"
-              f"{'GPU MB':>8}{'Dice':>8}{'grid':>6}")
+    header = (f"{'case':<32}{'dev':<5}{'pipeline':<10}{'runtime':<13}{'warm s':>8}{'cold s':>8}"
+              f"{'s/window':>9}{'peak RSS MB':>12}{'GPU MB':>8}{'Dice':>8}{'grid':>6}")
     lines += ["", header, "-" * len(header)]
+    shown: set[int] = set()
     for case in report["cases"]:
         name = f"{case['name']} {'x'.join(map(str, case['shape']))}"
         if case.get("skipped"):
@@ -383,17 +444,25 @@ def format_table(report: dict[str, Any]) -> str:
             continue
         for key, label in (("ours", "ours"), ("reference", "MONAI")):
             r = case.get(key)
-            if r is None:
+            if r is None or id(r) in shown:  # the reference once per size and device
                 continue
+            shown.add(id(r))
+            runtime = r.get("runtime", "torch")
+            if r.get("runtime_notes"):
+                runtime += "!"
             if "error" in r:
                 lines.append(f"{name:<32}{case['device']:<5}{label:<10}error: {r['error']}")
                 continue
             grid = {True: "ok", False: "OFF"}.get(r.get("on_input_grid"), "-")
-            lines.append(f"{name:<32}{case['device']:<5}{label:<10}{_fmt(r.get('total_s')):>8}"
-                         f"{_fmt(r.get('cold_s')):>8}{_fmt(r.get('peak_rss_mb'), '.0f'):>12}"
+            lines.append(f"{name:<32}{case['device']:<5}{label:<10}{runtime:<13}"
+                         f"{_fmt(r.get('total_s')):>8}{_fmt(r.get('cold_s')):>8}"
+                         f"{_fmt(r.get('window_s'), '.3f'):>9}{_fmt(r.get('peak_rss_mb'), '.0f'):>12}"
                          f"{_fmt(r.get('peak_gpu_mb'), '.0f'):>8}{_fmt(r.get('dice'), '.4f'):>8}{grid:>6}")
+            for note in r.get("runtime_notes", []):
+                lines.append(f"{'':<37}! {note}")
         if "ratio_time" in case:
-            lines.append(f"{'':<37}ours/MONAI: time {case['ratio_time']:.3f} (cold "
+            lines.append(f"{'':<37}ours ({case.get('runtime', 'torch')})/MONAI: time "
+                         f"{case['ratio_time']:.3f} (cold "
                          f"{case['ratio_time_cold']:.3f}), memory {case['ratio_memory']:.3f}"
                          + (f", GPU memory {case['ratio_gpu_memory']:.3f}"
                             if "ratio_gpu_memory" in case else "")
@@ -404,9 +473,13 @@ def format_table(report: dict[str, Any]) -> str:
             r = case.get(key)
             if not r or "stages" not in r:
                 continue
+            if key == "reference" and case.get("runtime") not in (None, case_runtimes(report)[0]):
+                continue
             stages = ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in r["stages"].items())
-            lines.append(f"  {case['name']} {case['device']} {key}: load model {r['load_model_s']:.2f} | "
-                         f"{stages}")
+            who = f"ours {r.get('runtime', 'torch')}" if key == "ours" else key
+            cached = (f" (cached {r['load_model_cached_s']:.2f})" if "load_model_cached_s" in r else "")
+            lines.append(f"  {case['name']} {case['device']} {who}: load model {r['load_model_s']:.2f}"
+                         f"{cached} | {stages}")
     return "\n".join(lines)
 
 
@@ -416,11 +489,14 @@ def benchmark_cli(args) -> int:
         if size not in ("native", "clinical"):
             raise UNetSegError(f"Unknown size '{size}' in --sizes: use native and/or clinical.")
     devices = ["cpu", "cuda"] if args.device == "both" else [args.device]
+    runtimes = getattr(args, "runtimes", "installed")
+    runtimes = None if runtimes in (None, "installed") else \
+        [r.strip() for r in runtimes.split(",") if r.strip()]
     report = run_benchmark(args.model, args.case, sizes, devices, args.skip_reference,
                            threads=getattr(args, "threads", None), keep=getattr(args, "keep", None),
                            reference_runs=getattr(args, "reference_runs", None),
                            postprocess=not getattr(args, "no_postprocess", False),
-                           log=lambda text: print(text, file=sys.stderr, flush=True))
+                           log=lambda text: print(text, file=sys.stderr, flush=True), runtimes=runtimes)
     print(format_table(report))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")

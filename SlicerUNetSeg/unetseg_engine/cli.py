@@ -69,7 +69,7 @@ def cmd_segment(args) -> int:
     segment_files(args.inputs, args.output, model=args.model, device=args.device,
                   window=_window(args.window), overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                   tta=args.tta, postprocess=not args.no_postprocess, quiet=args.quiet,
-                  output_type=args.output_type)
+                  output_type=args.output_type, runtime=args.runtime)
     return 0
 
 
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to write (default: from the output's name)")
     p.add_argument("--model", help="model id or package folder (default: the shipped default model)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino", "onnxruntime"],
+                   help="what runs the network on the CPU (auto: the fastest installed, measured once)")
     p.add_argument("--window", help="CT window LEVEL,WIDTH in HU, overriding the model's for this run")
     p.add_argument("--overlap", type=float, help="sliding-window overlap (0-1, default: the model's)")
     p.add_argument("--sw-batch-size", type=int, help="windows per network call")
@@ -277,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="native,clinical", help="native, clinical (about 512x512x300)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "both"])
     p.add_argument("--skip-reference", action="store_true", help="only time our engine")
+    p.add_argument("--runtimes", default="installed",
+                   help="our engine on these runtimes, comma-separated (torch, openvino, onnxruntime; "
+                        "default: every installed one)")
     p.add_argument("--json", dest="json_path", help="write the results as JSON here")
     p.add_argument("--threads", type=int, help="CPU threads for both pipelines (default: PyTorch's)")
     p.add_argument("--keep", help="keep the inputs and both label maps in this folder")

@@ -55,6 +55,7 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     messages: list[str] = field(default_factory=list)
+    runtime: str = "torch"  # which ran the network: torch, openvino or onnxruntime
 
     def label_mask(self, value: int) -> tuple[Box, np.ndarray]:
         """One label's mask as (box, bool array) in the input's index space."""
@@ -111,8 +112,10 @@ class Predictor:
 
     def __init__(self, device: str = "auto", overlap: float | None = None,
                  sw_batch_size: int | None = None, tta: bool = False, postprocess: bool = True,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, runtime: str = "auto") -> None:
         import torch
+
+        from .runtimes import check_runtime
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -125,6 +128,10 @@ class Predictor:
             raise UNetSegError(f"Unknown device '{device}': use auto, cpu or cuda.")
         check_settings(overlap=overlap, sw_batch_size=sw_batch_size)
         self.device = device
+        self.runtime_request = check_runtime(runtime)  # auto, torch, openvino, onnxruntime
+        self.runtime = "torch"  # what runs the windows once loaded (``runtimes.select_runtime``)
+        self.window_runners: list = []
+        self.runtime_notes: list[str] = []
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
         self.tta = tta
@@ -135,23 +142,36 @@ class Predictor:
     # ---- phase 2: load ------------------------------------------------------------------------
     def load(self, model: ModelPackage | str | None = None) -> ModelPackage:
         """Build the network(s) and load checked weights; a no-op if this model is already loaded."""
+        import copy
+
         import torch
 
         from .networks import channels_last_instance_norm, volume_network
         from .packagecheck import build_loaded_networks
+        from .runtimes import select_runtime
 
         package = model if isinstance(model, ModelPackage) else get_model(model)
         if self.has_loaded(package):
             return self.model
         net = package.meta["network"]
+        cores = build_loaded_networks(package)
+        pristine = [copy.deepcopy(core) for core in cores]  # for exporting: the CPU path edits its norms
+
+        def fresh(index: int):
+            return volume_network(copy.deepcopy(pristine[index]), net["spatial_dims"]).eval()
+
         networks = []
-        for core in build_loaded_networks(package):
+        for core in cores:
             network = volume_network(core, net["spatial_dims"]).eval().to(self.device)
             if net["spatial_dims"] == 3:  # oneDNN (CPU) and cuDNN convolutions run faster channels-last
                 network = network.to(memory_format=torch.channels_last_3d)
                 if self.device == "cpu":
                     channels_last_instance_norm(network)
             networks.append(network)
+        self.runtime, self.window_runners, self.runtime_notes = select_runtime(
+            self.runtime_request, self.device, networks, fresh,
+            [w["sha256"] for w in package.weight_files], self._windows_args(package)["roi_size"],
+            len(package.meta["inputs"]))
         self.networks = networks
         self.model = package
         return package
@@ -181,7 +201,7 @@ class Predictor:
         report = progress or (lambda stage, fraction: None)
         is_cancelled = cancel or (lambda: False)
         timings: dict[str, float] = {}
-        messages = modality_warnings(images, model.meta["modality"])
+        messages = modality_warnings(images, model.meta["modality"]) + list(self.runtime_notes)
 
         t = time.perf_counter()
         report("preprocessing", 0.0)
@@ -201,10 +221,10 @@ class Predictor:
         timings["resample_s"] = time.perf_counter() - t
         report("done", 1.0)
         return SegmentationResult(label_map, model, masks, timings, ran_on[0] if ran_on else self.device,
-                                  messages)
+                                  messages, self.runtime)
 
-    def _windows_args(self) -> dict[str, Any]:
-        meta = self.model.meta["inference"]  # type: ignore[union-attr]
+    def _windows_args(self, model: ModelPackage | None = None) -> dict[str, Any]:
+        meta = (model or self.model).meta["inference"]  # type: ignore[union-attr]
         return {
             "roi_size": list(reversed(meta["patch_size"])),
             "overlap": self.overlap if self.overlap is not None else meta.get("overlap", 0.5),
@@ -258,18 +278,20 @@ class Predictor:
         from monai.inferers import sliding_window_inference
 
         multilabel = self.model.multilabel  # type: ignore[union-attr]
+        # the window runner seam: PyTorch runs the networks (moved by the out-of-memory fallback)
+        runners = self.networks if self.runtime == "torch" else self.window_runners
         flips = self._tta_flips()
         mirror = self._mirror_channels()
         n_windows = _count_windows(array.shape[1:], args["roi_size"], args["overlap"])
         calls_per_pass = math.ceil(n_windows / args["sw_batch_size"])
-        total_calls = max(1, calls_per_pass * len(flips) * len(self.networks))
+        total_calls = max(1, calls_per_pass * len(flips) * len(runners))
         done = [0]
 
-        def predictor_for(network):
+        def predictor_for(runner):
             def predictor(x):
                 if is_cancelled():
                     raise CancelledError()
-                out = network(x)
+                out = runner(x)
                 done[0] += 1
                 report("inference", min(1.0, done[0] / total_calls))
                 return out
@@ -280,7 +302,7 @@ class Predictor:
         if sw_device == "cuda" and x.dim() == 5:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         summed = None
-        passes = [(member, axes) for member in self.networks for axes in flips]
+        passes = [(member, axes) for member in runners for axes in flips]
         with torch.inference_mode(), torch.autocast("cuda", enabled=sw_device == "cuda"):
             for network, axes in passes:
                 xin = torch.flip(x, axes) if axes else x

@@ -130,7 +130,8 @@ def run_one(predictor, images, out_path: Path, kind: str, *, window=None, progre
 
 def segment_files(inputs: list[str], output: str, *, model: str | None = None, device: str = "auto",
                   window=None, overlap=None, sw_batch_size=None, tta: bool = False,
-                  postprocess: bool = True, quiet: bool = False, output_type: str | None = None):
+                  postprocess: bool = True, quiet: bool = False, output_type: str | None = None,
+                  runtime: str = "auto"):
     """Read the inputs, segment them, and write ``output`` (label map, .seg.nrrd or DICOM SEG)
     atomically.
 
@@ -164,7 +165,7 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
     t = time.perf_counter()
     progress("loading model", 0.0)
     predictor = load_predictor(package, device=device, overlap=overlap, sw_batch_size=sw_batch_size,
-                               tta=tta, postprocess=postprocess)
+                               tta=tta, postprocess=postprocess, runtime=runtime)
     timings["load_model_s"] = time.perf_counter() - t
     result, run_timings, notes = run_one(predictor, images, out_path, kind, window=window,
                                          progress=progress, dicom=dicom)
@@ -176,7 +177,10 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
             if message not in warnings:  # printed before the run already
                 print(f"note: {message}", file=sys.stderr)
         stages = "  ".join(f"{k[:-2]} {v:.2f}s" for k, v in timings.items() if k != "total_s")
-        print(f"Segmented {Path(inputs[0]).name} with '{package.id}' on {result.device} in "
+        from .runtimes import RUNTIME_TITLES
+
+        print(f"Segmented {Path(inputs[0]).name} with '{package.id}' on {result.device} "
+              f"({RUNTIME_TITLES[result.runtime]}) in "
               f"{timings['total_s']:.1f} s ({stages})", file=sys.stderr)
         print(f"Wrote {out_path}", file=sys.stderr)
     return result, timings

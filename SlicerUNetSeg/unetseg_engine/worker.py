@@ -12,7 +12,8 @@ Requests
   ``{"cmd": "hello"}`` -> ``{"event": "hello", "python", "torch", "cuda", "cuda_available",
   "gpu_name", "monai", "pid"}``
   ``{"cmd": "segment", "id": str, "model": id or package folder or null, "device": "auto|cpu|cuda",
-  "window": [level, width] or null, "overlap", "sw_batch_size", "tta", "postprocess",
+  "runtime": "auto|torch|openvino|onnxruntime" (default auto), "window": [level, width] or null,
+  "overlap", "sw_batch_size", "tta", "postprocess",
   "inputs": [{"path": uncompressed .nrrd, "spacing": [x, y, z], "origin": [x, y, z] (LPS),
   "direction": 9 numbers, row-major, columns = i, j, k axes in LPS}], "output_dir": folder}``.
   The voxels are read from the file in (k, j, i) order; the geometry given in the request is
@@ -26,7 +27,7 @@ Events
   ``{"event": "progress", "id", "stage", "fraction"}``
   ``{"event": "done", "id", "label_map": path of a .nrrd on the first input's grid, "masks":
   {value: {"path": .npy of a bool (k, j, i) array, "start": [i, j, k], "size": [i, j, k]}} or null,
-  "timings", "device", "messages", "model", "warm"}``
+  "timings", "device", "runtime" (which ran the network), "messages", "model", "warm"}``
   ``{"event": "error", "id", "kind": "user" | "cancelled" | "internal", "message"}``
 """
 
@@ -55,7 +56,7 @@ class Worker:
         self.requests: queue.Queue[dict[str, Any]] = queue.Queue()
         self.cancelled: set[str] = set()
         self.predictor = None
-        self.predictor_device: str | None = None
+        self.predictor_key: tuple[str, str] | None = None  # (device, runtime) it was built for
 
     # ---- I/O --------------------------------------------------------------------------------------
     def emit(self, **event: Any) -> None:
@@ -103,10 +104,10 @@ class Worker:
     def _predictor(self, request: dict[str, Any]):
         from .inference import Predictor
 
-        device = request.get("device") or "auto"
-        if self.predictor is None or self.predictor_device != device:
-            self.predictor = Predictor(device=device)
-            self.predictor_device = device
+        key = (request.get("device") or "auto", request.get("runtime") or "auto")
+        if self.predictor is None or self.predictor_key != key:
+            self.predictor = Predictor(device=key[0], runtime=key[1])
+            self.predictor_key = key
         p = self.predictor
         p.overlap = request.get("overlap")
         p.sw_batch_size = request.get("sw_batch_size")
@@ -202,7 +203,8 @@ class Worker:
                                      "size": list(map(int, box.size))}
         timings["write_s"] = time.perf_counter() - t
         return {"label_map": str(label_path), "masks": masks, "timings": timings,
-                "device": result.device, "messages": result.messages, "model": package.id, "warm": warm}
+                "device": result.device, "runtime": result.runtime, "messages": result.messages,
+                "model": package.id, "warm": warm}
 
 
 def environment_info() -> dict[str, Any]:

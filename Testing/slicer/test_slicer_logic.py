@@ -134,6 +134,18 @@ def test_second_run_is_warm(logic, ct):
     print("warm run timings:", {k: round(v, 3) for k, v in logic.job.timings.items()})
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_runtime_goes_to_the_worker_and_the_job_says_which_ran(logic, ct, runtime):
+    import importlib.util
+
+    ran = runtime if importlib.util.find_spec(runtime) else "torch"  # missing: PyTorch, with a note
+    logic.process(ct, None, TINY_MODEL_ID, device="cpu", runtime=runtime)
+    assert logic.job.runtime == ran
+    assert bool(logic.job.messages) == (ran == "torch")
+    with pytest.raises(UNetSegError, match="Unknown runtime"):
+        logic.process(ct, None, TINY_MODEL_ID, device="cpu", runtime="tensorrt")
+
+
 def test_cancel_stops_within_a_second_and_leaves_the_scene(logic, ct, scene):
     state = sceneState(scene)
     cancelledAt = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -124,7 +125,9 @@ def test_selecting_a_model_fills_window_labels_and_channels(panel, scene):
 def test_segment_creates_the_segmentation_then_cancel_leaves_scene(panel, ct, scene):
     selectModel(panel, TINY_MODEL_ID)
     panel.ui.deviceComboBox.setCurrentIndex(2)  # CPU
+    panel.ui.runtimeComboBox.setCurrentIndex(3)  # ONNX Runtime
     assert panel._parameterNode.inputVolume is ct and panel._parameterNode.device == "cpu"
+    assert panel._parameterNode.runtime == "onnxruntime"
     panel.ui.segmentButton.click()
     assert panel.ui.segmentButton.text == "Cancel"
     pump(lambda: not panel.logic.isRunning())
@@ -133,7 +136,8 @@ def test_segment_creates_the_segmentation_then_cancel_leaves_scene(panel, ct, sc
     assert segmentation is not None and panel.ui.outputSegmentationSelector.currentNode() is segmentation
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 3
     assert panel.ui.segmentButton.text == "Segment" and panel.ui.progressBar.value == 100
-    assert "Done on cpu" in panel.ui.logTextEdit.plainText
+    # the log names the device and the runtime that ran (auto picks the fastest one installed)
+    assert re.search(r"Done on cpu \((PyTorch|OpenVINO|ONNX Runtime)\)", panel.ui.logTextEdit.plainText)
     panel.ui.show3DButton.setChecked(True)
     assert segmentation.GetSegmentation().ContainsRepresentation("Closed surface")
     panel.ui.logCollapsibleButton.setCollapsed(False)
@@ -172,10 +176,12 @@ def test_settings_round_trip_through_the_parameter_node(panel, ct, scene):
 
     selectModel(panel, TINY_MODEL_ID)
     panel.ui.deviceComboBox.setCurrentIndex(1)
+    panel.ui.runtimeComboBox.setCurrentIndex(2)
     panel.ui.overrideWindowCheckBox.setChecked(True)
     panel.ui.windowLevelSpinBox.setValue(55)
     node = panel._parameterNode
-    assert (node.device, node.overrideWindow, node.windowLevel) == ("cuda", True, 55.0)
+    assert (node.device, node.runtime, node.overrideWindow, node.windowLevel) == \
+        ("cuda", "openvino", True, 55.0)
     node.windowWidth = 321.0  # parameter node -> GUI
     assert panel.ui.windowWidthSpinBox.value == 321
     panel.ui.windowWidthSpinBox.setValue(0)  # a zero-width window cannot be entered
@@ -184,6 +190,7 @@ def test_settings_round_trip_through_the_parameter_node(panel, ct, scene):
     second = newPanel(SlicerUNetSeg)  # a fresh panel on the same scene shows the same
     try:
         assert second.ui.deviceComboBox.currentIndex == 1
+        assert second.ui.runtimeComboBox.currentIndex == 2
         assert second.ui.overrideWindowCheckBox.checked
         assert (second.ui.windowLevelSpinBox.value, second.ui.windowWidthSpinBox.value) == (55, 321)
         assert second.ui.inputVolumeSelector.currentNode() is ct

@@ -1,0 +1,312 @@
+"""Inference runtimes for the sliding windows: PyTorch, OpenVINO, ONNX Runtime.
+
+The predictor hands each batch of windows, a (B, C, z, y, x) float32 tensor, to a *window runner*:
+any callable from such a tensor to the network's logits. Sliding-window blending, flips for TTA,
+ensemble averaging, cancel and progress all stay in the predictor, so they work the same on every
+runtime. For PyTorch the runner is the network itself.
+
+OpenVINO and ONNX Runtime run an ONNX graph exported from the network the predictor built from the
+package's checked weights. The graph is exported on first use and cached in the user's cache folder
+(``$UNETSEG_CACHE``, else ``$XDG_CACHE_HOME/unetseg``, else ``~/.cache/unetseg``), keyed by the
+weights' SHA-256, the window shape (static; the batch axis is dynamic), the input channels, the
+exporter (PyTorch) version and the ONNX opset. Next to each graph a JSON record holds its own SHA-256,
+checked before every use as the weights are; a graph that fails the check is exported again.
+
+``auto`` on the CPU picks the fastest installed runtime by timing each on a batch of windows of
+this model (measured once per model, window, thread count, CPU and runtime versions, and recorded in
+the cache); on CUDA it is PyTorch. A runtime that is not installed or cannot compile the graph gives
+one line in the result's messages, and the predictor runs on PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import UNetSegError
+
+RUNTIMES = ("torch", "openvino", "onnxruntime")
+RUNTIME_CHOICES = ("auto",) + RUNTIMES
+RUNTIME_TITLES = {"torch": "PyTorch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
+# the Python module each runtime needs (importable without importing it: find_spec)
+_MODULES = {"torch": "torch", "openvino": "openvino", "onnxruntime": "onnxruntime"}
+OPSET = 17
+
+WindowRunner = Callable[[Any], Any]  # (B, C, z, y, x) float32 torch tensor -> logits tensor
+
+
+class RuntimeUnavailable(Exception):
+    """The runtime is not installed, or could not export or compile the model."""
+
+
+def check_runtime(name: str) -> str:
+    if name not in RUNTIME_CHOICES:
+        raise UNetSegError(f"Unknown runtime '{name}': use {', '.join(RUNTIME_CHOICES)}.")
+    return name
+
+
+def installed_runtimes() -> list[str]:
+    """The runtimes whose Python package is installed (nothing is imported)."""
+    return [name for name in RUNTIMES if importlib.util.find_spec(_MODULES[name]) is not None]
+
+
+def runtime_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("UNETSEG_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "unetseg"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# ---- the ONNX graph ---------------------------------------------------------------------------
+def onnx_graph(make_network: Callable[[], Any], weights_sha256: str, window_zyx: tuple[int, ...],
+               in_channels: int) -> Path:
+    """The cached ONNX graph of a network (exported now if missing or failing its checksum).
+
+    ``make_network()`` builds the float32 CPU network from the weights whose SHA-256 is given, in
+    eval mode and with its original layers (ONNX has its own InstanceNormalization); it is called
+    only when the graph has to be exported.
+    """
+    import torch
+
+    shape = "x".join(str(s) for s in window_zyx)
+    key = f"{weights_sha256[:24]}-c{in_channels}-{shape}-torch{torch.__version__}-opset{OPSET}"
+    path = cache_dir() / "onnx" / f"{key}.onnx"
+    record_path = path.with_suffix(".json")
+    record = {"weights_sha256": weights_sha256, "window_zyx": list(window_zyx),
+              "in_channels": in_channels, "torch": torch.__version__, "opset": OPSET}
+    if path.is_file() and record_path.is_file():
+        try:
+            stored = json.loads(record_path.read_text())
+            if {k: stored.get(k) for k in record} == record and _sha256(path) == stored.get("sha256"):
+                return path
+        except (OSError, ValueError):
+            pass  # unreadable: export again
+    sample = torch.zeros((1, in_channels, *window_zyx))
+    buffer = io.BytesIO()
+    try:
+        network = make_network()
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            kwargs: dict[str, Any] = {"input_names": ["x"], "output_names": ["logits"],
+                                      "opset_version": OPSET,
+                                      "dynamic_axes": {"x": {0: "batch"}, "logits": {0: "batch"}}}
+            try:  # the TorchScript exporter: 4 s here against 11 s for the torch.export one
+                torch.onnx.export(network, (sample,), buffer, dynamo=False, **kwargs)
+            except TypeError:  # a PyTorch without the ``dynamo`` switch exports this way anyway
+                torch.onnx.export(network, (sample,), buffer, **kwargs)
+    except Exception as error:  # noqa: BLE001 - any exporter failure means: run on PyTorch
+        raise RuntimeUnavailable(f"the network could not be exported to ONNX ({type(error).__name__}: "
+                                 f"{str(error).splitlines()[0] if str(error) else ''})") from error
+    data = buffer.getvalue()
+    _atomic_write(path, data)
+    record["sha256"] = hashlib.sha256(data).hexdigest()
+    _atomic_write(record_path, (json.dumps(record, indent=2) + "\n").encode())
+    return path
+
+
+# ---- runners ----------------------------------------------------------------------------------
+def _one_window_at_a_time(run: Callable[[Any], Any], x):
+    """Run a (B, C, z, y, x) batch window by window. The compiled runtimes hold their intermediate
+    buffers for the batch size they run: for 2 windows of 112 x 64 x 128 OpenVINO's are 160 MB
+    larger than for one, and one at a time costs 5 % (0.365 vs 0.345 s per 2 windows on 2 cores)."""
+    import numpy as np
+    import torch
+
+    array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    outs = [run(array[i:i + 1]) for i in range(array.shape[0])]
+    return torch.from_numpy(outs[0] if len(outs) == 1 else np.concatenate(outs))
+
+
+class OpenVINORunner:
+    """An ONNX graph compiled by OpenVINO for the CPU with a static shape of one window."""
+
+    name = "openvino"
+
+    def __init__(self, graph: Path, threads: int) -> None:
+        try:
+            import openvino as ov
+        except ImportError as error:
+            raise RuntimeUnavailable(f"OpenVINO is not installed ({error})") from error
+        self._core = ov.Core()
+        self._config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY",
+                        "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+        try:
+            model = self._core.read_model(str(graph))
+            window = [d.get_length() for d in model.input(0).get_partial_shape()[1:]]
+            model.reshape({model.input(0): [1] + window})
+            self._request = self._core.compile_model(model, "CPU", self._config).create_infer_request()
+        except Exception as error:  # noqa: BLE001
+            raise RuntimeUnavailable(f"OpenVINO could not compile the model ({error})") from error
+
+    def _run(self, array):
+        return next(iter(self._request.infer({0: array}, share_inputs=True).values()))
+
+    def __call__(self, x):
+        return _one_window_at_a_time(self._run, x)
+
+
+class OnnxRuntimeRunner:
+    """An ONNX graph in ONNX Runtime's CPU execution provider."""
+
+    name = "onnxruntime"
+
+    def __init__(self, graph: Path, threads: int) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as error:
+            raise RuntimeUnavailable(f"ONNX Runtime is not installed ({error})") from error
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # noqa: BLE001
+            raise RuntimeUnavailable(f"ONNX Runtime could not load the model ({error})") from error
+        self._input = self._session.get_inputs()[0].name
+
+    def _run(self, array):
+        return self._session.run(None, {self._input: array})[0]
+
+    def __call__(self, x):
+        return _one_window_at_a_time(self._run, x)
+
+
+RUNNERS = {"openvino": OpenVINORunner, "onnxruntime": OnnxRuntimeRunner}
+
+
+def build_runner(name: str, make_network: Callable[[], Any], weights_sha256: str, window_zyx,
+                 in_channels: int, threads: int) -> WindowRunner:
+    """A window runner of the ONNX runtime ``name`` for one network (see ``onnx_graph``).
+
+    Raises RuntimeUnavailable when the runtime is missing or fails to export or compile the model.
+    """
+    if importlib.util.find_spec(_MODULES[name]) is None:
+        raise RuntimeUnavailable(f"it is not installed (pip install {name}, or the engine's "
+                                 "'fast' extra)")
+    graph = onnx_graph(make_network, weights_sha256, tuple(window_zyx), in_channels)
+    return RUNNERS[name](graph, threads)
+
+
+def select_runtime(requested: str, device: str, networks: list, make_network: Callable[[int], Any],
+                   weights_sha256: list[str], window_zyx, in_channels: int
+                   ) -> tuple[str, list[WindowRunner], list[str]]:
+    """(runtime, one window runner per network, notes for the user) for a loaded model.
+
+    ``networks`` are the PyTorch networks, ready to run on ``device``; ``make_network(i)`` builds
+    network i afresh for export. PyTorch is the answer on CUDA, when asked for, and when the runtime
+    asked for is missing or fails (then a note says so, in one line).
+    """
+    import torch
+
+    check_runtime(requested)
+    notes: list[str] = []
+    if requested == "torch" or device != "cpu":
+        if requested not in ("torch", "auto"):
+            notes.append(f"{RUNTIME_TITLES[requested]} runs on the CPU only here; running on PyTorch "
+                         f"({device}).")
+        return "torch", list(networks), notes
+    wanted = [n for n in installed_runtimes() if n != "torch"] if requested == "auto" else [requested]
+    threads = torch.get_num_threads()
+    built: dict[str, list[WindowRunner]] = {"torch": list(networks)}
+    for name in wanted:
+        try:
+            built[name] = [build_runner(name, lambda i=i: make_network(i), weights_sha256[i], window_zyx,
+                                        in_channels, threads) for i in range(len(networks))]
+        except RuntimeUnavailable as error:
+            notes.append(f"{RUNTIME_TITLES[name]} is not available: {error}; running on PyTorch.")
+    if requested == "auto" and len(built) > 1:
+        # timed on one window: the compiled runtimes run windows one at a time anyway, and the
+        # first load pays for it (about 2.5 s for the three runtimes on 2 cores)
+        name, _ = choose_auto({n: r[0] for n, r in built.items()}, "+".join(weights_sha256),
+                              window_zyx, in_channels, 1, threads)
+        return name, built[name], notes
+    if requested in built:
+        return requested, built[requested], notes
+    return "torch", built["torch"], notes
+
+
+# ---- auto: measure ----------------------------------------------------------------------------
+def _choice_path(weights_sha256: str, window_zyx, batch: int, threads: int) -> Path:
+    versions = "-".join(f"{n}{runtime_version(n)}" for n in RUNTIMES)
+    machine = f"{platform.machine()}-{platform.processor() or platform.node()}-{os.cpu_count()}"
+    key = hashlib.sha256(f"{weights_sha256}|{list(window_zyx)}|{batch}|{threads}|{versions}|{machine}"
+                         .encode()).hexdigest()[:32]
+    return cache_dir() / "auto" / f"{key}.json"
+
+
+def fastest(runners: dict[str, WindowRunner], sample, rounds: int = 1) -> tuple[str, dict[str, float]]:
+    """The runner with the shortest time on ``sample`` (after one warm-up call each; best of
+    ``rounds`` rounds, the runners alternating so that load on a shared machine hits them alike)."""
+    import torch
+
+    best: dict[str, float] = {}
+    with torch.inference_mode():
+        for runner in runners.values():
+            runner(sample)
+        for _ in range(rounds):
+            for name, runner in runners.items():
+                t = time.perf_counter()
+                runner(sample)
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+    return min(best, key=best.get), best
+
+
+def choose_auto(runners: dict[str, WindowRunner], weights_sha256: str, window_zyx, in_channels: int,
+                batch: int, threads: int) -> tuple[str, dict[str, float] | None]:
+    """The fastest of ``runners`` for this model and machine: measured once, then read back."""
+    import torch
+
+    path = _choice_path(weights_sha256, window_zyx, batch, threads)
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        stored = json.loads(path.read_text())
+        if stored["runtime"] in runners and set(stored["times_s"]) == set(runners):
+            return stored["runtime"], None
+    sample = torch.randn((batch, in_channels, *window_zyx), generator=torch.Generator().manual_seed(0))
+    name, times = fastest(runners, sample)
+    with contextlib.suppress(OSError):
+        _atomic_write(path, json.dumps({"runtime": name, "times_s": times, "batch": batch,
+                                        "threads": threads}).encode())
+    return name, times

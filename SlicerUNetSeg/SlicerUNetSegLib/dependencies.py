@@ -88,8 +88,18 @@ def torchStatus() -> tuple[str | None, str | None]:
     return version, cuda
 
 
-def missingRequirements(requirements: list[str] | None = None) -> list[str]:
-    return [r for r in (REQUIREMENTS if requirements is None else requirements) if not isSatisfied(r)]
+def missingFastRequirements() -> list[str]:
+    """The optional fast CPU runtime's packages that are missing (offered, never required)."""
+    return _missing(FAST_REQUIREMENTS)
+
+
+def missingRequirements() -> list[str]:
+    """The engine's required packages that are missing."""
+    return _missing(REQUIREMENTS)
+
+
+def _missing(requirements: list[str]) -> list[str]:
+    return [r for r in requirements if not isSatisfied(r)]
 
 
 # The user said no to the optional runtime: not asked again in this Slicer session.
@@ -129,7 +139,7 @@ def ensureDependencies(confirm: Callable[[str], bool], log: Callable[[str], None
         if installed is None:
             return False
     missing = missingRequirements()
-    fast = [r for r in missingRequirements(FAST_REQUIREMENTS) if r not in _declined]
+    fast = [r for r in missingFastRequirements() if r not in _declined]
     if missing or fast:
         message = ("SlicerUNetSeg needs these Python packages: " + ", ".join(missing) + ".\n"
                    if missing else "")

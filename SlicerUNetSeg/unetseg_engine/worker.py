@@ -235,8 +235,8 @@ def main() -> int:
     sys.stdout = sys.stderr
     stdin = open(sys.stdin.fileno(), encoding="utf-8", errors="replace", closefd=False)
     worker = Worker(protocol)
+    worker.emit(event="ready", pid=os.getpid())  # first, before any answer the reader may give
     threading.Thread(target=worker.read_requests, args=(stdin,), daemon=True).start()
-    worker.emit(event="ready", pid=os.getpid())
     worker.serve()
     return 0
 

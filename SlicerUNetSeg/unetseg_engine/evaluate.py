@@ -98,7 +98,7 @@ def write_reports(out: Path, cases: list[dict[str, Any]], summary: dict[str, Any
 
 
 def _fmt(value: float) -> str:
-    return "" if not math.isfinite(value) else f"{value:.4f}"
+    return "" if value is None or not math.isfinite(value) else f"{value:.4f}"  # null: not contoured
 
 
 def _json_safe(obj):

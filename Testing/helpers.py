@@ -146,3 +146,16 @@ def write_ct_series(image, folder: Path, *, skip: tuple[int, ...] = (),
         ds.PixelData = np.ascontiguousarray(array[k].astype(np.int16)).tobytes()
         ds.save_as(folder / f"{modality}{k + 1:04d}.dcm", enforce_file_format=True)
     return study
+
+
+def refused(capsys, argv, *words):
+    """Run the command line; it must fail with one ``unetseg: error:`` line holding ``words``."""
+    from unetseg_engine.cli import main
+
+    status = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2, err
+    assert len(err) == 1 and err[0].startswith("unetseg: error: "), err
+    for word in words:
+        assert word in err[0], err[0]
+    return err[0]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from unetseg_engine.cli import main
+from helpers import refused
 from unetseg_engine.evaluate import compare_label_maps
 from unetseg_engine.train.checks import check_dataset
 
@@ -50,16 +50,6 @@ def make_dataset(root, cases=None, labels=None, extra=None):
             "labels": labels or {"background": 0, "Structure1": 1, "Structure2": 2}, **(extra or {})}
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
-
-
-def refused(capsys, argv, *words):
-    status = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2, err
-    assert len(err) == 1 and err[0].startswith("unetseg: error: "), err
-    for word in words:
-        assert word in err[0], err[0]
-    return err[0]
 
 
 def train_argv(dataset, out, model_id="synthetic-test"):

@@ -12,6 +12,7 @@ import zipfile
 
 import pytest
 
+from helpers import refused
 from unetseg_engine.cli import main
 from unetseg_engine.modelpkg import get_model, shipped_models_dir, validate_metadata
 
@@ -42,17 +43,6 @@ def with_weights(folder, data: bytes, name: str = "model.pt"):
     meta["weights"] = {"file": name, "sha256": hashlib.sha256(data).hexdigest()}
     (folder / "metadata.json").write_text(json.dumps(meta))
     return folder
-
-
-def refused(capsys, argv, *words):
-    """Run the command line; it must fail with one ``unetseg: error:`` line holding ``words``."""
-    status = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2, err
-    assert len(err) == 1 and err[0].startswith("unetseg: error: "), err
-    for word in words:
-        assert word in err[0], err[0]
-    return err[0]
 
 
 # ---- D9: weights that are not plain tensors, or do not fit the network ------------------------------

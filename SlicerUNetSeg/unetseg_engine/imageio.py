@@ -33,16 +33,11 @@ def image_from_array(array_kji: np.ndarray, spacing_xyz, origin_lps, direction_l
 
 
 def dicom_series_files(folder: Path) -> tuple[str, ...]:
-    """The files of the one DICOM series in ``folder``, in slice order."""
-    reader = sitk.ImageSeriesReader()
-    series_ids = reader.GetGDCMSeriesIDs(str(folder))
-    if not series_ids:
-        raise UNetSegError(f"No DICOM series found in folder '{folder}'. Point to a folder that holds "
-                           "the slices of one series, or to a NIfTI/NRRD/MHA file.")
-    if len(series_ids) > 1:
-        raise UNetSegError(f"Folder '{folder}' holds {len(series_ids)} DICOM series; put one series "
-                           "per folder (or convert it to NIfTI) and try again.")
-    return reader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    """The files of the one DICOM series in ``folder``, in slice order (a clear error for none or
+    several)."""
+    from .dicomseries import one_series
+
+    return tuple(one_series(folder).files)
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

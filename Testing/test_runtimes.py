@@ -19,7 +19,7 @@ from unetseg_engine.errors import CancelledError
 from unetseg_engine.imageio import read_image
 from unetseg_engine.inference import Predictor
 from unetseg_engine.metrics import dice
-from unetseg_engine.modelpkg import get_model
+from unetseg_engine.modelpkg import get_model, sha256_of
 
 COMPILED = ["openvino", "onnxruntime"]
 
@@ -147,7 +147,7 @@ def test_cached_graph_is_keyed_by_the_weights_and_exported_again_when_damaged(ti
     predictor = Predictor(device="cpu", runtime="onnxruntime")
     predictor.load(tiny_package)
     assert predictor.runtime == "onnxruntime" and not predictor.runtime_notes
-    assert runtimes._sha256(graphs[0]) == record["sha256"]
+    assert sha256_of(graphs[0]) == record["sha256"]
 
 
 def test_auto_measures_once_then_reads_its_choice(tiny_package, monkeypatch):

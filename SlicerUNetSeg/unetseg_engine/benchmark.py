@@ -42,8 +42,13 @@ CLINICAL_SIZE = (512, 512, 300)  # (x, y, z) voxels
 
 
 # ---- inputs -----------------------------------------------------------------------------------
+# the shared data folder beside a source checkout (REPO/../shared/data), as the tests use it
+DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
 def data_root() -> Path:
-    return Path(os.environ.get("UNETSEG_DATA", "/work/shared/data"))
+    """Where the benchmark's real cases are: $UNETSEG_DATA, else ``DEFAULT_DATA``."""
+    return Path(os.environ.get("UNETSEG_DATA", DEFAULT_DATA))
 
 
 def case_files(case: str, dataset: Path | None = None) -> tuple[Path, Path, dict[str, int]]:

@@ -142,6 +142,17 @@ def cmd_benchmark(args) -> int:
     return benchmark_cli(args)
 
 
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of a segmentation run, shared by ``segment`` and ``batch``."""
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--window", help="CT window LEVEL,WIDTH in HU, overriding the model's for this run")
+    p.add_argument("--overlap", type=float, help="sliding-window overlap (0-1, default: the model's)")
+    p.add_argument("--sw-batch-size", type=int, help="windows per network call")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower)")
+    p.add_argument("--no-postprocess", action="store_true", help="skip the model's postprocessing")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unetseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,15 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "dicom-seg"],
                    help="what to write (default: from the output's name)")
     p.add_argument("--model", help="model id or package folder (default: the shipped default model)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino", "onnxruntime"],
                    help="what runs the network on the CPU (auto: the fastest installed, measured once)")
-    p.add_argument("--window", help="CT window LEVEL,WIDTH in HU, overriding the model's for this run")
-    p.add_argument("--overlap", type=float, help="sliding-window overlap (0-1, default: the model's)")
-    p.add_argument("--sw-batch-size", type=int, help="windows per network call")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower)")
-    p.add_argument("--no-postprocess", action="store_true", help="skip the model's postprocessing")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    add_run_options(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("batch", help="segment every scan under a folder (files and DICOM series) with "
@@ -178,13 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", help="DICOM series to take (default: the model's modality; 'any')")
     p.add_argument("--output-type", dest="output_type", default="seg.nrrd",
                    choices=["seg.nrrd", "nii.gz", "dicom-seg"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--window", help="CT window LEVEL,WIDTH in HU, overriding the model's")
-    p.add_argument("--overlap", type=float, help="sliding-window overlap (0-1, default: the model's)")
-    p.add_argument("--sw-batch-size", type=int, help="windows per network call")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower)")
-    p.add_argument("--no-postprocess", action="store_true", help="skip the model's postprocessing")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    add_run_options(p)
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("import-model", help="validate a model package (folder or .zip) and install it")

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import platform
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UNetSegError
+from .modelpkg import sha256_of
+from .outputs import atomic_write
 
 RUNTIMES = ("torch", "openvino", "onnxruntime")
 RUNTIME_CHOICES = ("auto",) + RUNTIMES
@@ -78,25 +79,9 @@ def cache_dir() -> Path:
     return Path(base) / "unetseg"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # ---- the ONNX graph ---------------------------------------------------------------------------
@@ -119,7 +104,7 @@ def onnx_graph(make_network: Callable[[], Any], weights_sha256: str, window_zyx:
     if path.is_file() and record_path.is_file():
         try:
             stored = json.loads(record_path.read_text())
-            if {k: stored.get(k) for k in record} == record and _sha256(path) == stored.get("sha256"):
+            if {k: stored.get(k) for k in record} == record and sha256_of(path) == stored.get("sha256"):
                 return path
         except (OSError, ValueError):
             pass  # unreadable: export again

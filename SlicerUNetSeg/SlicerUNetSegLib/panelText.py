@@ -11,7 +11,8 @@ WINDOW_PRESETS = [("Soft tissue", 40.0, 400.0), ("Lung", -600.0, 1500.0), ("Bone
                   ("Brain", 40.0, 80.0)]
 DEVICE_CHOICES = [("Auto (GPU if available)", "auto"), ("GPU (CUDA)", "cuda"), ("CPU", "cpu")]
 RUNTIME_CHOICES = [("Auto (fastest installed)", "auto"), ("PyTorch", "torch"), ("OpenVINO", "openvino"),
-                   ("ONNX Runtime", "onnxruntime")]
+                   ("ONNX Runtime", "onnxruntime"),
+                   ("OpenVINO int8 (models that have it)", "openvino-int8")]
 
 
 def runtimeTitle(runtime: str | None) -> str:

@@ -31,8 +31,8 @@ class SlicerUNetSegParameterNode:
     outputSegmentation: None means "create a new segmentation".
     overrideWindow/windowLevel/windowWidth: the preprocessing window (never the volume's voxels).
     device: "auto", "cuda" or "cpu".
-    runtime: what runs the network on the CPU: "auto" (the fastest installed), "torch", "openvino"
-    or "onnxruntime"."""
+    runtime: what runs the network on the CPU: "auto" (the fastest installed), "torch", "openvino",
+    "onnxruntime" or "openvino-int8" (the model's int8 graph, when it has one)."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     inputVolume2: vtkMRMLScalarVolumeNode

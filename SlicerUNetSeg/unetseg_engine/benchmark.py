@@ -36,6 +36,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import UNetSegError
+from .runtimes import RUNTIME_CHOICES
 
 DATASET = "openkbp_hn_oar"
 CLINICAL_SIZE = (512, 512, 300)  # (x, y, z) voxels
@@ -238,7 +239,7 @@ def child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--runtime", default="torch", choices=["torch", "openvino", "onnxruntime"])
+    parser.add_argument("--runtime", default="torch", choices=[r for r in RUNTIME_CHOICES if r != "auto"])
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--no-postprocess", action="store_true", help="ours without the model's clean-up")
@@ -368,12 +369,13 @@ def run_benchmark(model: str | None, case: str = "pt_201", sizes=("native", "cli
     of ``cases`` per input size, device and runtime of ours (the MONAI reference runs once per size
     and device, and its figures appear in each of those entries)."""
     from .modelpkg import get_model
-    from .runtimes import RUNTIMES, installed_runtimes
+    from .runtimes import INT8, RUNTIMES, installed_runtimes
 
     runtimes = list(runtimes or installed_runtimes())
     for runtime in runtimes:
-        if runtime not in RUNTIMES:
-            raise UNetSegError(f"Unknown runtime '{runtime}' in --runtimes: use {', '.join(RUNTIMES)}.")
+        if runtime not in RUNTIMES + (INT8,):
+            raise UNetSegError(f"Unknown runtime '{runtime}' in --runtimes: use "
+                               f"{', '.join(RUNTIMES + (INT8,))}.")
 
     package = get_model(model)
     model_path = str(package.path)

@@ -171,7 +171,7 @@ class Predictor:
         self.runtime, self.window_runners, self.runtime_notes = select_runtime(
             self.runtime_request, self.device, networks, fresh,
             [w["sha256"] for w in package.weight_files], self._windows_args(package)["roi_size"],
-            len(package.meta["inputs"]))
+            len(package.meta["inputs"]), package.int8_graph)
         self.networks = networks
         self.model = package
         return package

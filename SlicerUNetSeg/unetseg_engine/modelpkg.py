@@ -145,6 +145,26 @@ class ModelPackage:
             "networks": len(self.weight_files),
         }
 
+    @property
+    def files(self) -> list[str]:
+        """Every file of the package, relative to its folder (what import-model copies)."""
+        int8 = [f"int8/{f['file']}" for f in self.meta.get("int8", {}).get("files", [])]
+        return [METADATA_FILE] + [w["file"] for w in self.weight_files] + int8
+
+    def int8_graph(self) -> Path | None:
+        """The package's int8 OpenVINO graph (``model.xml``), after checking both its files against
+        their SHA-256; None when the package has none (see ``quantize.py``)."""
+        int8 = self.meta.get("int8")
+        if not int8:
+            return None
+        for entry in int8["files"]:
+            path = self.path / "int8" / entry["file"]
+            if not path.is_file() or sha256_of(path) != entry["sha256"]:
+                raise UNetSegError(f"The int8 graph of model '{self.id}' (int8/{entry['file']}) is missing "
+                                   "or does not match its checksum; reinstall the model package, or run "
+                                   "without --runtime openvino-int8.")
+        return self.path / "int8" / "model.xml"
+
     def load_state_dicts(self) -> list[dict[str, Any]]:
         """Each member's weights (one for a plain model), loaded only after their SHA-256 checks."""
         return [self._load_weights(w) for w in self.weight_files]
@@ -281,7 +301,9 @@ def import_model(source: str | os.PathLike, destination: Path | None = None,
         destination.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{package.id}.", dir=destination))
         try:
-            for name in [METADATA_FILE] + [w["file"] for w in package.weight_files]:
+            package.int8_graph()  # checks its files, if it has one
+            for name in package.files:
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(root / name, staging / name)
             if target.is_symlink():  # replace the link, never the folder it points to
                 target.unlink()

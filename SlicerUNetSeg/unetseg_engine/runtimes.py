@@ -38,8 +38,12 @@ from .modelpkg import sha256_of
 from .outputs import atomic_write
 
 RUNTIMES = ("torch", "openvino", "onnxruntime")
-RUNTIME_CHOICES = ("auto",) + RUNTIMES
-RUNTIME_TITLES = {"torch": "PyTorch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
+# int8 runs only when asked for, and only for a package holding a graph that passed its gate
+# (``quantize.py``): ``auto`` never picks it, since its labels differ slightly from float32's
+INT8 = "openvino-int8"
+RUNTIME_CHOICES = ("auto",) + RUNTIMES + (INT8,)
+RUNTIME_TITLES = {"torch": "PyTorch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime",
+                  INT8: "OpenVINO int8"}
 # the Python module each runtime needs (importable without importing it: find_spec)
 _MODULES = {"torch": "torch", "openvino": "openvino", "onnxruntime": "onnxruntime"}
 OPSET = 17
@@ -216,18 +220,34 @@ def build_runner(name: str, make_network: Callable[[], Any], weights_sha256: str
 
 
 def select_runtime(requested: str, device: str, networks: list, make_network: Callable[[int], Any],
-                   weights_sha256: list[str], window_zyx, in_channels: int
+                   weights_sha256: list[str], window_zyx, in_channels: int,
+                   int8_graph: Callable[[], Path | None] | None = None
                    ) -> tuple[str, list[WindowRunner], list[str]]:
     """(runtime, one window runner per network, notes for the user) for a loaded model.
 
     ``networks`` are the PyTorch networks, ready to run on ``device``; ``make_network(i)`` builds
     network i afresh for export. PyTorch is the answer on CUDA, when asked for, and when the runtime
-    asked for is missing or fails (then a note says so, in one line).
+    asked for is missing or fails (then a note says so, in one line). ``int8_graph()`` gives the
+    package's checked int8 graph, or None; without one, ``openvino-int8`` runs OpenVINO float32.
     """
     import torch
 
     check_runtime(requested)
     notes: list[str] = []
+    if requested == INT8 and device == "cpu":
+        graph = int8_graph() if int8_graph is not None else None
+        if graph is None:
+            notes.append("This model has no int8 graph (see 'unetseg quantize'); running OpenVINO "
+                         "float32.")
+            requested = "openvino"
+        else:
+            try:
+                if importlib.util.find_spec("openvino") is None:
+                    raise RuntimeUnavailable("OpenVINO is not installed")
+                return INT8, [OpenVINORunner(graph, torch.get_num_threads())], notes
+            except RuntimeUnavailable as error:
+                notes.append(f"{RUNTIME_TITLES[INT8]} is not available: {error}; running on PyTorch.")
+                return "torch", list(networks), notes
     if requested == "torch" or device != "cpu":
         if requested not in ("torch", "auto"):
             notes.append(f"{RUNTIME_TITLES[requested]} runs on the CPU only here; running on PyTorch "

@@ -41,8 +41,9 @@ FLAGS = {
     "position": "the centre lies outside the range seen in training, relative to the body's box "
                 "(left-right and front-back; not head-foot, which depends on the scan's length)",
 }
-CONFIDENCE_MEASURE = "soft_dice"
-MEASURES = ("max_prob", "entropy", "border_max_prob", "soft_dice", "soft_dice_t2", "soft_dice_t4")
+CONFIDENCE_MEASURE = "soft_dice_t2"
+MEASURES = ("max_prob", "entropy", "border_max_prob", "soft_dice", "soft_dice_t2", "soft_dice_t4",
+            "uncertain_band", "interior", "interior_soft_dice")
 TEMPERATURES = {"soft_dice_t2": 2.0, "soft_dice_t4": 4.0}
 # A voxel counts as plausibly some organ above this probability (as the predictor's REGION_THRESHOLD).
 PLAUSIBLE = 0.01
@@ -153,6 +154,11 @@ def confidence_measures(probs: np.ndarray, mask: np.ndarray, channel: int, multi
     }
     for name, t in TEMPERATURES.items():
         out[name] = _soft_dice(_tempered(probs, channel, crop, t, multilabel), m)
+    n = float(m.sum())
+    band = float(((p > 0.05) & (p < 0.95)).sum())
+    out["uncertain_band"] = 1.0 - band / (n + band)
+    out["interior"] = float(inner.sum()) / n
+    out["interior_soft_dice"] = out["interior"] * out["soft_dice_t2"]
     return out
 
 

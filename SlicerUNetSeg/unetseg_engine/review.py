@@ -142,9 +142,7 @@ def confidence_measures(probs: np.ndarray, mask: np.ndarray, channel: int, multi
     inner = ndimage.binary_erosion(m)
     shell = ndimage.binary_dilation(m) & ~inner
     unc = _uncertainty(probs, crop, multilabel, channel if multilabel else None)
-    top = p if multilabel else np.max(probs[(slice(None),) + crop], axis=0)
-    if multilabel:
-        top = np.maximum(p, 1 - p)
+    top = np.maximum(p, 1 - p) if multilabel else np.max(probs[(slice(None),) + crop], axis=0)
     inside = float(p[m].mean())
     out = {
         "max_prob": inside,
@@ -318,7 +316,10 @@ def plausibility_flags(entries: list[dict], found: dict[str, dict], review_meta:
                 _flag(by_name[name], "left_right_swapped",
                       f"{pair['right']} lies to the patient's left of {pair['left']}: the labels, or the "
                       "scan's left-right orientation, look swapped")
-    mirrored = mirrored_anatomy(found, review_meta.get("lateral_cues"))
+    # slivers (an organ the scan barely reaches) have no meaningful centre: they give no cue
+    solid = {name: f for name, f in found.items() if name in per_label and
+             by_name[name]["volume_ml"] >= MISSING_FRACTION * per_label[name]["volume_ml"]["median"]}
+    mirrored = mirrored_anatomy(solid, review_meta.get("lateral_cues"))
     if mirrored is not None:
         for pair in review_meta.get("left_right_pairs", []):
             for name in (pair["right"], pair["left"]):
@@ -350,11 +351,12 @@ def mirrored_anatomy(found: dict[str, dict], cues: dict | None) -> str | None:
     llr = lateral_llr({name: f["centre_lps"][0] for name, f in found.items()}, cues)
     if llr is None or llr >= cues["threshold"]:
         return None
-    names = sorted({n for cue in cues["pairs"] for n in cue["labels"]})
-    return (f"the anatomy looks mirrored left-right ({', '.join(names)} lie on the opposite sides of "
-            f"each other to fewer than {cues['false_alarm_rate']:.0%} of training patients): check the "
-            "scan's orientation; if it was flipped without updating its header, right and left are "
-            "swapped")
+    pairs = ", ".join("/".join(cue["labels"]) for cue in cues["pairs"]
+                      if all(n in found for n in cue["labels"]))
+    return (f"the anatomy looks mirrored left-right: the left-right offsets of {pairs} are reversed "
+            f"compared with training (only {cues['false_alarm_rate']:.0%} of training patients look "
+            "this mirrored). Check the scan's orientation: if it was flipped without updating its "
+            "header, right and left are swapped")
 
 
 # ---- the uncertainty map ----------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""The ``unetseg`` command line: models, segment, batch, import-model, ensemble, train, evaluate, benchmark.
+"""The ``unetseg`` command line: models, segment, batch, import-model, ensemble, train, evaluate and more.
+
+The others: benchmark, model-stats.
 
 Errors the user can fix print one line (``unetseg: error: ...``) and exit with status 2; nothing is
 written in that case.
@@ -70,7 +72,25 @@ def cmd_segment(args) -> int:
     segment_files(args.inputs, args.output, model=args.model, device=args.device,
                   window=_window(args.window), overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                   tta=args.tta, postprocess=not args.no_postprocess, quiet=args.quiet,
-                  output_type=args.output_type, runtime=args.runtime)
+                  output_type=args.output_type, runtime=args.runtime, uncertainty=args.uncertainty,
+                  review_json=args.review_json)
+    return 0
+
+
+def cmd_model_stats(args) -> int:
+    from .review import add_statistics
+
+    datasets = [args.dataset, *(args.extra_datasets or [])]
+    path = add_statistics(args.model, datasets, all_cases=args.all_cases,
+                          progress=None if args.quiet else lambda name: print(f"  {name}", flush=True))
+    meta = json.loads(Path(path).read_text())["review"]
+    print(f"Recorded training-label statistics of {meta['source']['cases']} cases in {path}")
+    for name, s in meta["labels"].items():
+        v = s["volume_ml"]
+        print(f"  {name}: {v['min']:.1f}-{v['max']:.1f} ml (median {v['median']:.1f}), present in "
+              f"{s['present_fraction']:.0%}, at most {s['components_max']} large piece(s)")
+    pairs = ", ".join(f"{p['right']}/{p['left']}" for p in meta["left_right_pairs"]) or "none"
+    print(f"  left/right pairs: {pairs}")
     return 0
 
 
@@ -175,8 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what runs the network on the CPU (auto: the fastest installed float32 one, "
                         "measured once; openvino-int8: the model's int8 graph, if 'unetseg quantize' "
                         "added one)")
+    p.add_argument("--uncertainty", help="also write the voxel uncertainty map (uint8, 0 certain .. 255 "
+                                         "uniform; .nrrd/.nii.gz/.mha) on the input's grid")
+    p.add_argument("--review-json", dest="review_json",
+                   help="write the review (per label volume, confidence, flags, focus point) as JSON")
     add_run_options(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("model-stats", help="record training-label statistics (volume range, position, "
+                                           "pieces, left/right pairs) in a model's metadata, for the "
+                                           "plausibility flags")
+    p.add_argument("model", help="model package folder (or id)")
+    p.add_argument("--dataset", required=True, help="nnU-Net dataset folder the model was trained on")
+    p.add_argument("--extra-dataset", dest="extra_datasets", action="append",
+                   help="another one (partial_labels honoured: only contoured organs count); repeatable")
+    p.add_argument("--all-cases", action="store_true",
+                   help="use every case, not only the model's recorded training cases")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_model_stats)
 
     p = sub.add_parser("batch", help="segment every scan under a folder (files and DICOM series) with "
                                       "one loaded model; resumable, with a summary CSV")

@@ -56,6 +56,10 @@ class SegmentationResult:
     device: str = "cpu"
     messages: list[str] = field(default_factory=list)
     runtime: str = "torch"  # which ran the network: torch, openvino or onnxruntime
+    # per label: volume, confidence, flags, where to look first (``review.build_review``)
+    review: list[dict] | None = None
+    # uint8 uncertainty on the first input's grid, when asked for (``Predictor(uncertainty=True)``)
+    uncertainty: sitk.Image | None = None
 
     def label_mask(self, value: int) -> tuple[Box, np.ndarray]:
         """One label's mask as (box, bool array) in the input's index space."""
@@ -112,7 +116,8 @@ class Predictor:
 
     def __init__(self, device: str = "auto", overlap: float | None = None,
                  sw_batch_size: int | None = None, tta: bool = False, postprocess: bool = True,
-                 num_threads: int | None = None, runtime: str = "auto") -> None:
+                 num_threads: int | None = None, runtime: str = "auto",
+                 uncertainty: bool = False) -> None:
         import torch
 
         from .runtimes import check_runtime
@@ -136,6 +141,7 @@ class Predictor:
         self.sw_batch_size = sw_batch_size
         self.tta = tta
         self.postprocess = postprocess
+        self.uncertainty = uncertainty  # also bring back the uncertainty map (review.uncertainty_map)
         self.model: ModelPackage | None = None
         self.networks: list = []  # one per weights file (several for an ensemble)
 
@@ -219,9 +225,24 @@ class Predictor:
         report("resampling to the input grid", 0.0)
         label_map, masks = self._to_input_grid(probs, prepared, is_cancelled)
         timings["resample_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        review_entries, uncertainty = self._review(probs, prepared, label_map, masks)
+        timings["review_s"] = time.perf_counter() - t
         report("done", 1.0)
         return SegmentationResult(label_map, model, masks, timings, ran_on[0] if ran_on else self.device,
-                                  messages, self.runtime)
+                                  messages, self.runtime, review_entries, uncertainty)
+
+    def _review(self, probs, prepared, label_map, masks):
+        """Confidence, flags and (when asked for) the uncertainty map: ``review.py``."""
+        from .review import build_review, uncertainty_map
+
+        model = self.model
+        entries = build_review(probs, prepared, model, label_map, masks)
+        if not self.uncertainty:
+            return entries, None
+        channels = range(probs.shape[0]) if model.multilabel else range(1, probs.shape[0])
+        return entries, uncertainty_map(probs, prepared, model, self._region_box(probs, prepared, channels))
 
     def _windows_args(self, model: ModelPackage | None = None) -> dict[str, Any]:
         meta = (model or self.model).meta["inference"]  # type: ignore[union-attr]

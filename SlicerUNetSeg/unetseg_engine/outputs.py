@@ -28,10 +28,11 @@ class _Incomplete(Exception):
 
 
 def check_output_path(path: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (),
-                      dicom_seg: bool = False) -> Path:
+                      dicom_seg: bool = False, any_name: bool = False) -> Path:
     """Check, before any slow work, that ``path`` can be written and would not replace an input.
 
-    ``dicom_seg``: a DICOM SEG output, whose name (``.dcm`` or any) the caller has checked."""
+    ``dicom_seg``: a DICOM SEG output, whose name (``.dcm`` or any) the caller has checked;
+    ``any_name``: another kind of file (a JSON report), whose name the caller has checked."""
     path = Path(path)
     name = path.name.lower()
     if name.endswith((".mhd", ".raw")):
@@ -39,7 +40,7 @@ def check_output_path(path: str | os.PathLike, inputs: Sequence[str | os.PathLik
         # interrupted run would leave a header pointing at the wrong data; .mha is the same format
         raise UNetSegError(f"Output '{path.name}': .mhd (a header with a separate .raw file) is not "
                            "supported; use .mha, the same MetaImage format in one file.")
-    if not dicom_seg and not (name.endswith(SEG_EXTENSION) or name.endswith(LABEL_EXTENSIONS)):
+    if not (dicom_seg or any_name) and not (name.endswith(SEG_EXTENSION) or name.endswith(LABEL_EXTENSIONS)):
         raise UNetSegError(f"Unsupported output '{path.name}': use .nii.gz, .nrrd or .mha for a label "
                            f"map, or {SEG_EXTENSION} for a Slicer segmentation.")
     if not path.parent.exists():

@@ -131,7 +131,7 @@ def run_one(predictor, images, out_path: Path, kind: str, *, window=None, progre
 def segment_files(inputs: list[str], output: str, *, model: str | None = None, device: str = "auto",
                   window=None, overlap=None, sw_batch_size=None, tta: bool = False,
                   postprocess: bool = True, quiet: bool = False, output_type: str | None = None,
-                  runtime: str = "auto"):
+                  runtime: str = "auto", uncertainty: str | None = None, review_json: str | None = None):
     """Read the inputs, segment them, and write ``output`` (label map, .seg.nrrd or DICOM SEG)
     atomically.
 
@@ -146,6 +146,7 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
     check_settings(window=window, overlap=overlap, sw_batch_size=sw_batch_size)
     kind = output_kind(output, output_type)
     out_path = check_output(output, kind, inputs)
+    extra_outputs = check_extra_outputs(out_path, inputs, uncertainty, review_json)
     package = get_model(model)
     n_expected = len(package.meta["inputs"])
     if len(inputs) != n_expected:
@@ -165,10 +166,12 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
     t = time.perf_counter()
     progress("loading model", 0.0)
     predictor = load_predictor(package, device=device, overlap=overlap, sw_batch_size=sw_batch_size,
-                               tta=tta, postprocess=postprocess, runtime=runtime)
+                               tta=tta, postprocess=postprocess, runtime=runtime,
+                               uncertainty=uncertainty is not None)
     timings["load_model_s"] = time.perf_counter() - t
     result, run_timings, notes = run_one(predictor, images, out_path, kind, window=window,
                                          progress=progress, dicom=dicom)
+    write_review_outputs(result, *extra_outputs)
     timings.update(run_timings)
     timings["total_s"] = time.perf_counter() - t0
     progress.finish()
@@ -182,5 +185,56 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
         print(f"Segmented {Path(inputs[0]).name} with '{package.id}' on {result.device} "
               f"({RUNTIME_TITLES[result.runtime]}) in "
               f"{timings['total_s']:.1f} s ({stages})", file=sys.stderr)
+        for line in review_lines(result.review or []):
+            print(line, file=sys.stderr)
         print(f"Wrote {out_path}", file=sys.stderr)
+        for path in extra_outputs:
+            if path is not None:
+                print(f"Wrote {path}", file=sys.stderr)
     return result, timings
+
+
+def check_extra_outputs(out_path: Path, inputs, uncertainty, review_json):
+    """The --uncertainty map and --review-json paths, checked like the main output (and distinct)."""
+    from .outputs import check_output_path
+
+    checked: list[Path | None] = []
+    taken = [out_path]
+    for path, what in ((uncertainty, "--uncertainty"), (review_json, "--review-json")):
+        if path is None:
+            checked.append(None)
+            continue
+        if what == "--review-json" and not str(path).lower().endswith(".json"):
+            raise UNetSegError(f"{what} '{Path(path).name}': name it ...json.")
+        checked_path = check_output_path(path, inputs, any_name=what == "--review-json")
+        if any(checked_path.resolve() == t.resolve() for t in taken):
+            raise UNetSegError(f"{what} '{path}' is the same file as another output; give it its own name.")
+        taken.append(checked_path)
+        checked.append(checked_path)
+    return checked
+
+
+def write_review_outputs(result, uncertainty_path: Path | None, review_path: Path | None) -> None:
+    """Write the uncertainty map and the review JSON atomically (verified like the label map)."""
+    import json
+
+    from .outputs import atomic_write, write_label_map
+
+    if uncertainty_path is not None and result.uncertainty is not None:
+        write_label_map(result.uncertainty, uncertainty_path)
+    if review_path is not None:
+        text = json.dumps({"model": result.model.id, "model_version": result.model.meta["version"],
+                           "labels": result.review}, indent=2) + "\n"
+        atomic_write(review_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def review_lines(review: list[dict]) -> list[str]:
+    """The CLI summary of a review: one line per label (volume, confidence, flags)."""
+    lines = ["Review (confidence: 0-1, higher is surer; flags: what to check):"] if review else []
+    width = max((len(e["name"]) for e in review), default=0)
+    for e in review:
+        confidence = f"{e['confidence']:.2f}" if e["confidence"] is not None else "  - "
+        flags = "; ".join(f"{f['code']}: {f['message']}" for f in e["flags"])
+        lines.append(f"  {e['name']:<{width}}  {e['volume_ml']:8.1f} ml  confidence {confidence}"
+                     + (f"  FLAG {flags}" if flags else ""))
+    return lines

@@ -13,7 +13,7 @@ Requests
   "gpu_name", "monai", "pid"}``
   ``{"cmd": "segment", "id": str, "model": id or package folder or null, "device": "auto|cpu|cuda",
   "runtime": "auto|torch|openvino|onnxruntime" (default auto), "window": [level, width] or null,
-  "overlap", "sw_batch_size", "tta", "postprocess",
+  "overlap", "sw_batch_size", "tta", "postprocess", "uncertainty" (bool, default false),
   "inputs": [{"path": uncompressed .nrrd, "spacing": [x, y, z], "origin": [x, y, z] (LPS),
   "direction": 9 numbers, row-major, columns = i, j, k axes in LPS}], "output_dir": folder}``.
   The voxels are read from the file in (k, j, i) order; the geometry given in the request is
@@ -27,7 +27,10 @@ Events
   ``{"event": "progress", "id", "stage", "fraction"}``
   ``{"event": "done", "id", "label_map": path of a .nrrd on the first input's grid, "masks":
   {value: {"path": .npy of a bool (k, j, i) array, "start": [i, j, k], "size": [i, j, k]}} or null,
-  "timings", "device", "runtime" (which ran the network), "messages", "model", "warm"}``
+  "timings", "device", "runtime" (which ran the network), "messages", "model", "warm",
+  "review": [per label {"value", "name", "volume_ml", "confidence", "flags": [{"code", "message"}],
+  "focus_ras", "measures"}] (always; ``review.py``), "uncertainty": path of uncertainty.nrrd (uint8 on
+  the first input's grid) when the request asked for it, else null}``
   ``{"event": "error", "id", "kind": "user" | "cancelled" | "internal", "message"}``
 """
 
@@ -113,6 +116,7 @@ class Worker:
         p.sw_batch_size = request.get("sw_batch_size")
         p.tta = bool(request.get("tta", False))
         p.postprocess = bool(request.get("postprocess", True))
+        p.uncertainty = bool(request.get("uncertainty", False))
         return p
 
     def segment(self, request: dict[str, Any]) -> None:
@@ -201,10 +205,15 @@ class Worker:
                 np.save(path, np.ascontiguousarray(mask, dtype=bool))
                 masks[str(value)] = {"path": str(path), "start": list(map(int, box.start)),
                                      "size": list(map(int, box.size))}
+        uncertainty = None
+        if result.uncertainty is not None:  # asked for with "uncertainty": true
+            uncertainty = out_dir / "uncertainty.nrrd"
+            sitk.WriteImage(result.uncertainty, str(uncertainty), useCompression=True)
         timings["write_s"] = time.perf_counter() - t
         return {"label_map": str(label_path), "masks": masks, "timings": timings,
                 "device": result.device, "runtime": result.runtime, "messages": result.messages,
-                "model": package.id, "warm": warm}
+                "model": package.id, "warm": warm, "review": result.review or [],
+                "uncertainty": str(uncertainty) if uncertainty is not None else None}
 
 
 def environment_info() -> dict[str, Any]:

@@ -624,6 +624,11 @@ class Trainer:
                 "precision": self.precision, "sampling": cfg.sampling,
             },
         }
+        # the training labels' statistics, for the plausibility flags (review.py; `unetseg model-stats`)
+        from ..review import label_statistics
+
+        meta["review"] = label_statistics([str(cfg.dataset), *map(str, cfg.extra_datasets)], labels,
+                                          plan["preprocessing"], {c.name for c in self.train_cases})
         written = write_package(package, meta, core.state_dict())
         size_mb = written.weights_bytes / 1e6
         self.log(f"Model package written to {package} ({size_mb:.1f} MB), "

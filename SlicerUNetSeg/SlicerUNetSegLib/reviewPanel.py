@@ -17,6 +17,7 @@ import slicer
 
 COLUMNS = ("Segment", "Volume (ml)", "Confidence", "Flags", "Reviewed")
 REVIEWED_COLUMN = COLUMNS.index("Reviewed")
+ROW_HEIGHT = 30  # pixels, about a table row at Slicer's default font
 
 
 def confidenceText(value) -> str:
@@ -101,6 +102,7 @@ class ReviewSection:
         self._filling = True
         try:
             self.table.setRowCount(len(rows))
+            self.table.setMinimumHeight(ROW_HEIGHT * (min(len(rows), 10) + 1) + 6)  # no scrolling for ~10
             self.rowIds = [row["segmentId"] for row in rows]
             for r, row in enumerate(rows):
                 volume = "" if row["volumeMl"] is None else f"{row['volumeMl']:.1f}"

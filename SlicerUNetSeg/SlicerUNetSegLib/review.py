@@ -383,11 +383,14 @@ def _maskOnVolume(segmentationNode, segmentId: str, volume) -> np.ndarray:
     colorsBefore = _nodeIds(scene, "vtkMRMLColorNode")
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__unetseg_temp__")
     try:
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                segmentationNode, ids, labelmap, volume):
+        # the volume's whole grid (the default extent would crop to the segment, or be empty)
+        exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentationNode, ids, labelmap, volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+        voxels = slicer.util.arrayFromVolume(labelmap) if exported else None
+        if voxels is None or voxels.shape != slicer.util.arrayFromVolume(volume).shape:
             raise UNetSegError(f"Could not export segment '{segmentId}' of '{segmentationNode.GetName()}' "
                                "onto the input volume's grid.")
-        return slicer.util.arrayFromVolume(labelmap) > 0
+        return voxels > 0
     finally:
         removeNodeAndItsParts(labelmap)
         for colorId in _nodeIds(scene, "vtkMRMLColorNode") - colorsBefore:  # the export's colour table

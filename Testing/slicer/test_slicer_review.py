@@ -247,3 +247,23 @@ def test_finish_review_needs_a_result_made_by_the_module(logic, ct, scene):
     with pytest.raises(UNetSegError, match="no kept AI original"):
         logic.finishReview(manual)
     assert scene.GetNumberOfNodes() == count
+
+
+def test_change_report_lists_a_segment_added_and_one_deleted_by_the_reviewer(logic, ct, result):
+    segmentation = result.GetSegmentation()
+    gone = nonEmptySegments(result, ct)[0]
+    goneName, goneVoxels = segmentation.GetSegment(gone).GetName(), mask(result, gone, ct).sum()
+    segmentation.RemoveSegment(gone)
+    added = segmentation.AddEmptySegment("", "Tumour", [1, 0, 0])
+    island = np.zeros(slicer.util.arrayFromVolume(ct).shape, np.uint8)
+    island[40:44, 100:110, 100:110] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(island, result, added, ct)
+    rows, _ = logic.finishReview(result)
+    byName = {row["segment"]: row for row in rows}
+    voxelMl = np.prod(ct.GetSpacing()) / 1000
+    assert byName["Tumour"]["status"] == "added" and byName["Tumour"]["dice"] == 0.0
+    assert byName["Tumour"]["added_ml"] == pytest.approx(400 * voxelMl)
+    assert byName[goneName]["status"] == "deleted" and byName[goneName]["edited"]
+    assert byName[goneName]["removed_ml"] == pytest.approx(goneVoxels * voxelMl)
+    # a segment the reviewer drew is not the model's: it gets no algorithm tags from us
+    assert review._tag(segmentation.GetSegment(added), review.ALGORITHM_TYPE_TAG) is None

@@ -19,7 +19,7 @@ Where things are kept (all saved with the scene):
   in the result: Segment Editor, exports and DICOM SEG never see them, and nothing can paint on them.
 - Each result segment carries the tags Slicer's DICOM SEG exporter reads (``DICOM.SegmentAlgorithmType``:
   AUTOMATIC, then SEMIAUTOMATIC once finishing the review finds it edited; ``DICOM.SegmentAlgorithmName``:
-  the model id; without them Slicer writes MANUAL) and ``UNetSeg.Reviewed`` (the check box).
+  the model id; without them Slicer writes MANUAL) and ``SlicerUNetSeg.Reviewed`` (the check box).
 - The uncertainty map, when requested, is a scalar volume node on the input's grid (role
   ``UNCERTAINTY_ROLE``); showing it sets it as the slice views' foreground, the input is untouched.
 """
@@ -40,12 +40,12 @@ from unetseg_engine.errors import UNetSegError
 
 from .segmentationBuilder import placeLikeVolume
 
-REVIEW_ATTRIBUTE = "UNetSeg.Review"
-ORIGINAL_OF_ATTRIBUTE = "UNetSeg.AIOriginalOf"
+REVIEW_ATTRIBUTE = "SlicerUNetSeg.Review"
+ORIGINAL_OF_ATTRIBUTE = "SlicerUNetSeg.AIOriginalOf"
 ORIGINAL_ROLE = "unetsegAIOriginal"
 UNCERTAINTY_ROLE = "unetsegUncertainty"
-REVIEWED_TAG = "UNetSeg.Reviewed"
-ORIGINAL_TAG = "UNetSeg.AIOriginal"
+REVIEWED_TAG = "SlicerUNetSeg.Reviewed"  # the same tag as learning.py's (Add to training set)
+ORIGINAL_TAG = "SlicerUNetSeg.AIOriginal"
 ALGORITHM_TYPE_TAG = "DICOM.SegmentAlgorithmType"  # what Slicer's DICOMSegmentationPlugin reads
 ALGORITHM_NAME_TAG = "DICOM.SegmentAlgorithmName"
 UNCERTAINTY_COLOR_NODE = "vtkMRMLPETProceduralColorNodePET-Heat"  # made by vtkMRMLColorLogic
@@ -370,7 +370,7 @@ def _reportTable(segmentationNode, rows, toleranceMm: float):
         if unit:
             table.SetColumnUnitLabel(title, unit)
     table.SetUseColumnTitleAsColumnHeader(True)
-    table.SetAttribute("UNetSeg.ReviewOf", segmentationNode.GetID())
+    table.SetAttribute("SlicerUNetSeg.ReviewOf", segmentationNode.GetID())
     return table
 
 

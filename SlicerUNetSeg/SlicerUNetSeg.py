@@ -26,6 +26,7 @@ from SlicerUNetSegLib.parameters import (  # noqa: F401
     SlicerUNetSegParameterNode,
     clampWindow,
 )
+from SlicerUNetSegLib.reviewPanel import ReviewSection
 from unetseg_engine.errors import UNetSegError
 
 
@@ -79,6 +80,8 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # no detailedText key without details: PythonQt would show the text "None" in a details pane
         self.showError = lambda text, details=None: slicer.util.errorDisplay(
             text, **({"detailedText": details} if details else {}))
+        self.askSavePath = self._askSavePath
+        self.review: ReviewSection | None = None
 
     def setup(self) -> None:
         import qt
@@ -117,6 +120,7 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.setupReview()
         self.refreshModels()
         self.initializeParameterNode()
         torchVersion, cudaVersion = dependencies.torchStatus()
@@ -208,6 +212,7 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self.logic.isRunning()
         inputsSet = all(v is not None for v in
                         [getattr(node, name) for name in INPUT_PARAMETERS[:len(channels)]])
+        self.updateReview(node)
         self.ui.segmentButton.setEnabled(running or (model is not None and inputsSet))
         self.ui.segmentButton.setText("Cancel" if running else "Segment")
         self.ui.segmentButton.setToolTip("Stop the running segmentation" if running else
@@ -332,7 +337,7 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.startSegmentation(
                 [getattr(node, name) for name in INPUT_PARAMETERS[:len(model["inputs"])]], output,
                 model["id"], node.device, window, replaceExisting=replace, onProgress=self.onProgress,
-                onDone=self.onDone, runtime=node.runtime)
+                onDone=self.onDone, runtime=node.runtime, uncertainty=True)
         except UNetSegError as error:
             self.showError(str(error))
             return
@@ -370,6 +375,8 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.log(f"Done on {job.device} ({panelText.runtimeTitle(job.runtime)}). "
                      + panelText.timingSummary(job.timings, job.warm))
             self.onShow3D(self.ui.show3DButton.isChecked())
+            self.review.segmentation = None  # the same node may hold a new result: show it afresh
+            self.updateReview(self._parameterNode or self.logic.getParameterNode())
         elif job.state == "cancelled":
             self.ui.stageLabel.setText("cancelled")
             self.log("Cancelled; the scene was left unchanged.")
@@ -390,6 +397,23 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if segmentation.GetDisplayNode():
             segmentation.GetDisplayNode().SetVisibility3D(True)
+
+    # ---- review (the table, the uncertainty overlay, Finish review: SlicerUNetSegLib.reviewPanel) --
+    def setupReview(self) -> None:
+        self.review = ReviewSection(self)
+        self.review.setup(self.uiWidget.layout(), before=self.ui.logCollapsibleButton)
+
+    def updateReview(self, node) -> None:
+        if self.review is not None:
+            self.review.setSegmentation(node.outputSegmentation if node else None)
+            self.review.updateButtons()
+
+    def _askSavePath(self, suggested: str) -> str:
+        import qt
+
+        path = qt.QFileDialog.getSaveFileName(self.parent, "Save the review report", suggested,
+                                              "CSV files (*.csv)")
+        return path[0] if isinstance(path, tuple) else path
 
 
 class SlicerUNetSegTest(ScriptedLoadableModuleTest):

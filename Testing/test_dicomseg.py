@@ -141,6 +141,32 @@ def test_seg_references_its_source_and_copies_patient_and_study(series, tmp_path
     assert len(segments[0].RecommendedDisplayCIELabValue) == 3
 
 
+def test_a_corrected_segment_is_written_as_semiautomatic(series, tmp_path, biased_package):
+    """After a review the Slicer module tags edited segments; the SEG says SEMIAUTOMATIC for them
+    (read back by dcmqi) and AUTOMATIC for the others, and an unknown type or label is refused."""
+    from unetseg_engine.dicomseg import write_dicom_seg
+    from unetseg_engine.dicomseries import one_series
+    from unetseg_engine.errors import UNetSegError
+
+    folder, _ = series
+    result, _ = segment_files([str(folder)], str(tmp_path / "labels.nrrd"), model=str(biased_package.path),
+                              quiet=True)
+    names = biased_package.label_names
+    out = tmp_path / "reviewed.dcm"
+    write_dicom_seg(out, result.label_map, result.model.labels, one_series(folder), result.model.meta,
+                    algorithm_types={names[1]: "SEMIAUTOMATIC"})
+    _, meta = dcmqi_masks(out, tmp_path / "dcmqi", read_image(folder))
+    types = [group[0]["SegmentAlgorithmType"] for group in meta["segmentAttributes"]]
+    assert types == ["AUTOMATIC", "SEMIAUTOMATIC", "AUTOMATIC"]
+    assert pydicom.dcmread(out).SegmentSequence[1].SegmentAlgorithmType == "SEMIAUTOMATIC"
+    for bad, match in (({names[0]: "MANUAL"}, "not one of AUTOMATIC, SEMIAUTOMATIC"),
+                       ({"Liver": "SEMIAUTOMATIC"}, "does not have")):
+        with pytest.raises(UNetSegError, match=match):
+            write_dicom_seg(tmp_path / "bad.dcm", result.label_map, result.model.labels,
+                            one_series(folder), result.model.meta, algorithm_types=bad)
+        assert not (tmp_path / "bad.dcm").exists()
+
+
 def test_dciodvfy_finds_no_error(series, tmp_path, biased_package):
     tool = shutil.which("dciodvfy")
     if tool is None:

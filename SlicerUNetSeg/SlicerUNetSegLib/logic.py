@@ -30,6 +30,7 @@ from unetseg_engine.runtimes import RUNTIME_CHOICES as RUNTIMES
 
 from .geometry import checkVolume, writeVolumeForWorker
 from .parameters import SlicerUNetSegParameterNode
+from .review import ReviewLogicMixin, removeNodeAndItsParts
 from .segmentationBuilder import fillSegmentation, placeLikeVolume
 from .workerRunner import InferenceRunner, WorkerRunner
 
@@ -54,6 +55,7 @@ class SegmentationJob:
         self.warm = False
         self.device = None
         self.runtime = None  # which ran the network: torch, openvino or onnxruntime
+        self.review: list[dict[str, Any]] | None = None  # the engine's per-label review, as it sent it
         self.startTime = time.perf_counter()
 
     @property
@@ -61,8 +63,9 @@ class SegmentationJob:
         return self.state in ("done", "failed", "cancelled")
 
 
-class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
-    """Runs models on volume nodes; usable from scripts. ``runner`` defaults to a ``WorkerRunner``."""
+class SlicerUNetSegLogic(ReviewLogicMixin, ScriptedLoadableModuleLogic):
+    """Runs models on volume nodes; usable from scripts. ``runner`` defaults to a ``WorkerRunner``.
+    Reviewing a result (review table, uncertainty overlay, change report) is in ``ReviewLogicMixin``."""
 
     def __init__(self, runner: InferenceRunner | None = None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -126,12 +129,13 @@ class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
                           overlap: float | None = None, tta: bool = False, postprocess: bool = True,
                           onProgress: ProgressCallback | None = None,
                           onDone: Callable[[SegmentationJob], None] | None = None,
-                          runtime: str = "auto") -> SegmentationJob:
+                          runtime: str = "auto", uncertainty: bool = False) -> SegmentationJob:
         """Check everything, write the inputs for the worker and start it; returns at once.
 
         Raises UNetSegError (nothing in the scene changed) for problems found before the run: wrong
         number of inputs, unusable volumes, a non-linear transform, an output segmentation that has
-        segments while ``replaceExisting`` is False, or a run already going on.
+        segments while ``replaceExisting`` is False, or a run already going on. ``uncertainty`` asks
+        the engine for its uncertainty map too (``showUncertainty`` overlays it).
         """
         if self.isRunning():
             raise UNetSegError("A segmentation is already running; cancel it or wait for it to finish.")
@@ -169,6 +173,7 @@ class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
                 "id": job.id, "model": str(model.path), "device": device, "runtime": runtime,
                 "window": job.window,
                 "overlap": overlap, "tta": tta, "postprocess": postprocess, "inputs": inputs,
+                "uncertainty": bool(uncertainty),
                 "output_dir": f"{job.tempDir}/output"})
         except BaseException:
             shutil.rmtree(job.tempDir, ignore_errors=True)
@@ -216,7 +221,7 @@ class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
         if job.onProgress:
             job.onProgress("building segments", 0.0)
         t = time.perf_counter()
-        created = None
+        created, reviewNodes = None, []
         try:
             volume = job.inputVolumes[0]
             labelMap = sitk.GetArrayFromImage(sitk.ReadImage(event["label_map"]))
@@ -229,7 +234,7 @@ class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
                          for value, item in event["masks"].items()}
             # Build into a node outside the scene first, so a failure cannot leave half a result.
             staging = slicer.vtkMRMLSegmentationNode()
-            fillSegmentation(staging, volume, labelMap, job.model.labels, masks)
+            segmentIds = fillSegmentation(staging, volume, labelMap, job.model.labels, masks)
             node = job.outputNode
             if node is None:
                 created = node = volume.GetScene().AddNewNodeByClass(
@@ -243,7 +248,11 @@ class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
             if node.GetDisplayNode() is None:
                 node.CreateDefaultDisplayNodes()
             placeLikeVolume(node, volume)
+            reviewNodes = self.keepReviewData(node, volume, segmentIds, job.model.labels, job.model.id,
+                                              event)
         except Exception as error:
+            for added in reviewNodes:
+                removeNodeAndItsParts(added)
             if created is not None:
                 created.GetScene().RemoveNode(created)
             message = str(error) if isinstance(error, UNetSegError) else \
@@ -255,6 +264,7 @@ class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
         job.segmentationNode, job.warm, job.device = node, bool(event.get("warm")), event.get("device")
         job.runtime = event.get("runtime", "torch")
         job.messages = list(event.get("messages", []))
+        job.review = event.get("review")
         self._end(job, "done")
 
     def _end(self, job: SegmentationJob, state: str, error: str | None = None, details=None) -> None:

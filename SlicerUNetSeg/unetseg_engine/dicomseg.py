@@ -4,7 +4,8 @@ The SEG references its source series and every source instance (each frame names
 drawn on), copies patient and study from the source, and carries per segment the model's label name,
 SNOMED CT category and type codes (with the type modifier, and the anatomic region when the model
 gives one), a recommended display colour (CIELab, from the model's RGB), and the algorithm: the model
-id and version, algorithm type AUTOMATIC.
+id and version, algorithm type AUTOMATIC, or SEMIAUTOMATIC for a segment a person has corrected
+(``algorithm_types``; the Slicer module tags edited segments so when a review is finished).
 
 Every model label becomes a segment, found or not, as in our ``.seg.nrrd``: segment number n is the
 model's n-th label in every SEG this model writes, so scripts over many studies can rely on it, and an
@@ -26,6 +27,7 @@ from .errors import UNetSegError
 from .outputs import atomic_write
 
 MANUFACTURER = "SlicerUNetSeg"
+ALGORITHM_TYPES = ("AUTOMATIC", "SEMIAUTOMATIC")  # MANUAL would need no algorithm: not ours to write
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
                  "FrameOfReferenceUID")
 
@@ -65,8 +67,13 @@ def _generic_terminology() -> dict[str, dict[str, str]]:
     return {"category": tissue, "type": tissue}
 
 
-def segment_description(highdicom, number: int, label: dict[str, Any], model: dict[str, Any]):
-    """One ``SegmentDescription`` from a model label (name, codes, colour) and the model's identity."""
+def segment_description(highdicom, number: int, label: dict[str, Any], model: dict[str, Any],
+                        algorithm_type: str = "AUTOMATIC"):
+    """One ``SegmentDescription`` from a model label (name, codes, colour) and the model's identity;
+    ``algorithm_type`` AUTOMATIC (the model's output as it is) or SEMIAUTOMATIC (corrected by hand)."""
+    if algorithm_type not in ALGORITHM_TYPES:
+        raise UNetSegError(f"Segment '{label['name']}': algorithm type '{algorithm_type}' is not one of "
+                           f"{', '.join(ALGORITHM_TYPES)}.")
     term = label.get("terminology") or _generic_terminology()
     algorithm = highdicom.AlgorithmIdentificationSequence(
         name=model["id"][:64], version=str(model["version"])[:64],
@@ -78,7 +85,7 @@ def segment_description(highdicom, number: int, label: dict[str, Any], model: di
         segment_number=number, segment_label=label["name"][:64],
         segmented_property_category=_code(highdicom, term["category"]),
         segmented_property_type=_code(highdicom, term["type"]),
-        algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues[algorithm_type],
         algorithm_identification=algorithm, tracking_id=label["name"][:64],
         tracking_uid=highdicom.UID(), anatomic_regions=regions,
         display_color=highdicom.color.CIELabColor.from_rgb(*[int(c) for c in label["color"][:3]]))
@@ -103,9 +110,11 @@ def full_mask(masks, value: int, label_array: np.ndarray) -> np.ndarray:
 
 def write_dicom_seg(path: str | Path, label_map: sitk.Image, labels: list[dict[str, Any]],
                     series: DicomSeries, model: dict[str, Any], masks=None,
-                    datasets: list[Any] | None = None) -> list[str]:
+                    datasets: list[Any] | None = None,
+                    algorithm_types: dict[str, str] | None = None) -> list[str]:
     """Write a DICOM SEG atomically for ``label_map`` (on ``series``' grid, k in ``series.files``
-    order); ``model`` is the model's metadata. Returns the names of the labels with no voxels."""
+    order); ``model`` is the model's metadata. ``algorithm_types`` maps label names to AUTOMATIC or
+    SEMIAUTOMATIC (default AUTOMATIC). Returns the names of the labels with no voxels."""
     from . import __version__
 
     highdicom, _ = _dicom_modules()
@@ -116,7 +125,14 @@ def write_dicom_seg(path: str | Path, label_map: sitk.Image, labels: list[dict[s
     if label_array.shape != (len(datasets), rows, columns):
         raise UNetSegError(f"The labels ({label_array.shape[::-1]}) are not on the grid of the DICOM "
                            f"series ({columns}, {rows}, {len(datasets)}); cannot write a DICOM SEG.")
-    descriptions = [segment_description(highdicom, n + 1, label, model) for n, label in enumerate(labels)]
+    algorithm_types = dict(algorithm_types or {})
+    unknown = sorted(set(algorithm_types) - {label["name"] for label in labels})
+    if unknown:
+        raise UNetSegError(f"Algorithm types given for {', '.join(unknown)}, which the model does not "
+                           f"have (its labels: {', '.join(label['name'] for label in labels)}).")
+    descriptions = [segment_description(highdicom, n + 1, label, model,
+                                        algorithm_types.get(label["name"], "AUTOMATIC"))
+                    for n, label in enumerate(labels)]
     values = [int(label["value"]) for label in labels]
     if masks is not None:  # multi-label masks may overlap: one binary plane per segment
         pixels = np.stack([full_mask(masks, v, label_array) for v in values], axis=-1)

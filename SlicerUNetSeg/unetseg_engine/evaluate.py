@@ -1,4 +1,5 @@
-"""``unetseg evaluate``: per-case, per-label Dice, IoU, HD95 and volume difference.
+"""``unetseg evaluate``: per-case, per-label Dice, IoU, HD95, surface Dice at 2 mm, added path length
+and volume difference (see ``metrics``).
 
 Either runs a model over cases of an nnU-Net dataset (on each scan's own grid, the way a user gets the
 result), or compares two folders of label maps with matching file names. Writes ``metrics.csv``,
@@ -20,7 +21,7 @@ from .errors import UNetSegError
 from .imageio import grid_differences
 from .metrics import label_metrics
 
-METRICS = ("dice", "iou", "hd95_mm", "volume_diff_ml")
+METRICS = ("dice", "iou", "hd95_mm", "surface_dice", "apl_mm", "volume_diff_ml")
 
 
 def compare_label_maps(pred: sitk.Image, ref: sitk.Image, labels: dict[int, str],
@@ -75,10 +76,11 @@ def summarize(cases: list[dict[str, Any]], label_names: list[str]) -> dict[str, 
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    print(f"{'label':<16}{'Dice':>8}{'IoU':>8}{'HD95 mm':>10}{'dVol ml':>10}")
+    print(f"{'label':<16}{'Dice':>8}{'IoU':>8}{'HD95 mm':>10}{'SDice2mm':>10}{'APL mm':>10}"
+          f"{'dVol ml':>10}")
     for name, m in summary["per_label"].items():
         print(f"{name:<16}{m['dice']:>8.3f}{m['iou']:>8.3f}{m['hd95_mm']:>10.2f}"
-              f"{m['volume_diff_ml']:>10.2f}")
+              f"{m['surface_dice']:>10.3f}{m['apl_mm']:>10.1f}{m['volume_diff_ml']:>10.2f}")
     print(f"{'mean':<16}{summary['mean_dice']:>8.3f}{'':>8}{summary['mean_hd95_mm']:>10.2f}"
           f"   ({summary['n_cases']} cases)")
 

@@ -16,7 +16,8 @@ Stand-ins, for what only the application provides (``qSlicerApplication`` and it
 - ``slicer.app``: ``processEvents`` (the Qt event pump), ``translate`` (Qt's
   ``QCoreApplication.translate``, which is what qSlicerApplication inherits), ``moduleManager()``
   (accepts the widget's ``moduleAboutToBeUnloaded`` connection) and ``applicationLogic()``;
-- ``slicer.modules``: ``segmentations.logic()``, ``subjecthierarchy.logic()``, and ``slicerunetseg``
+- ``slicer.modules``: ``segmentations.logic()``, ``subjecthierarchy.logic()``, ``volumes.logic()``, and
+  ``slicerunetseg``
   with the module's ``path`` (what ``slicer.util.modulePath`` reads);
 - the Qt widget stand-ins in ``qtHarness`` (PythonQt-flavoured ``qt``, ``ctk``, ``qMRMLNodeComboBox``,
   ``qMRMLWidget``).
@@ -113,11 +114,14 @@ def newScene():
     segmentations.SetMRMLScene(scene)
     subjectHierarchy = slicer.vtkSlicerSubjectHierarchyModuleLogic()
     subjectHierarchy.SetMRMLScene(scene)
+    volumes = slicer.vtkSlicerVolumesLogic()  # slicer.util.updateSegmentBinaryLabelmapFromArray uses it
+    volumes.SetMRMLScene(scene)
     slicer.mrmlScene = scene
     slicer.modules.segmentations = _Module(segmentations)
     slicer.modules.subjecthierarchy = _Module(subjectHierarchy)
     slicer.modules.colors = _Module(colors)
-    slicer.modules._keepAlive = (colors, segmentations, subjectHierarchy)
+    slicer.modules.volumes = _Module(volumes)
+    slicer.modules._keepAlive = (colors, segmentations, subjectHierarchy, volumes)
     return scene
 
 

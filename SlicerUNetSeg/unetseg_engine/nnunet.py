@@ -811,3 +811,36 @@ def export_separate_z(logits: np.ndarray, prepared, section: dict[str, Any], is_
             best[take] = r[take]
             index[take] = c
     return index
+
+
+# ---- for tests and the benchmark ------------------------------------------------------------------
+def write_random_folder(plans_file: Path, dataset_file: Path, out: Path, configuration: str = "3d_fullres",
+                        seed: int = 0, trainer: str = "nnUNetTrainer") -> Path:
+    """An nnU-Net trained-model folder with nnU-Net's He initialisation (fixed seed) as its weights.
+
+    What nnU-Net's trainer would save at epoch 0: lets the benchmark time a full-size network and the
+    tests check agreement where every class appears. Returns the ``<Trainer>__<Plans>__<config>`` folder.
+    """
+    import torch
+    from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+    plans = json.loads(Path(plans_file).read_text())
+    dataset = json.loads(Path(dataset_file).read_text())
+    config = resolve_configuration(plans, configuration)
+    n_classes = len([k for k in dataset["labels"] if k != "ignore"])
+    n_inputs = len(dataset["channel_names"])
+    torch.manual_seed(seed)
+    network = build_network(network_description(config), n_inputs, n_classes)
+    network.apply(InitWeights_He(1e-2))
+    folder = Path(out) / f"{trainer}__{plans['plans_name']}__{configuration}"
+    (folder / "fold_0").mkdir(parents=True, exist_ok=True)
+    (folder / "plans.json").write_text(json.dumps(plans, indent=2))
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    checkpoint = {"network_weights": network.state_dict(), "optimizer_state": None,
+                  "grad_scaler_state": None, "logging": {}, "_best_ema": None, "current_epoch": 0,
+                  "init_args": {"plans": plans, "configuration": configuration, "fold": 0,
+                                "dataset_json": dataset, "device": "cpu"},
+                  "trainer_name": trainer,
+                  "inference_allowed_mirroring_axes": tuple(range(len(config["patch_size"])))}
+    torch.save(checkpoint, folder / "fold_0" / CHECKPOINT_NAME)
+    return folder

@@ -261,3 +261,43 @@ def test_same_labels_as_nnunet_predictor(weights, case, mirror, tmp_path, random
         assert len(scores) >= 3, scores
     assert all(s >= 0.99 for s in scores.values()), scores
     assert (theirs != ours).mean() < 0.005
+
+
+# ---- several models, one segmentation ---------------------------------------------------------------
+def _member(tmp_path, name, labels, seed):
+    dataset = json.loads((TRAINED / "dataset.json").read_text())
+    dataset["labels"] = {"background": 0, **{n: i + 1 for i, n in enumerate(labels)}}
+    (tmp_path / f"{name}.json").write_text(json.dumps(dataset))
+    folder = nnunet.write_random_folder(TRAINED / "plans.json", tmp_path / f"{name}.json",
+                                        tmp_path / name, seed=seed)
+    return _import(folder, name, tmp_path)
+
+
+@pytest.mark.slow
+def test_several_models_merge_into_one_segmentation(tmp_path):
+    from unetseg_engine.inference import Predictor
+
+    a = _member(tmp_path, "part-a", ["Brainstem", "SpinalCord", "Mandible"], seed=1)
+    b = _member(tmp_path, "part-b", ["Mandible", "Larynx", "Esophagus"], seed=2)
+    merged = nnunet.write_merged(tmp_path / "models" / "merged", [a, b], "merged-ab")
+    assert merged.label_names == ["Brainstem", "SpinalCord", "Mandible", "Larynx", "Esophagus"]
+    with pytest.raises(UNetSegError, match="already exists"):
+        nnunet.write_merged(tmp_path / "models" / "merged", [a, b], "merged-ab")
+    path = _crop("pt_236", tmp_path)
+    image = sitk.ReadImage(str(path))
+    runs = {}
+    for package in (a, b, merged):
+        predictor = Predictor(device="cpu", runtime="torch", mirror=False)
+        predictor.load(package)
+        runs[package.id] = sitk.GetArrayFromImage(predictor.predict([image]).label_map)
+    value = {label["name"]: label["value"] for label in merged.labels}
+    la = np.array([0] + [value[n] for n in a.label_names])[runs["part-a"]]
+    lb = np.array([0] + [value[n] for n in b.label_names])[runs["part-b"]]
+    out = runs["merged-ab"]
+    assert np.array_equal(out != 0, (la != 0) | (lb != 0))  # every label of every member kept
+    only_a, only_b = (la != 0) & (lb == 0), (lb != 0) & (la == 0)
+    assert np.array_equal(out[only_a], la[only_a]) and np.array_equal(out[only_b], lb[only_b])
+    both = (la != 0) & (lb != 0) & (la != lb)
+    assert both.sum() > 100  # random weights: the members overlap a lot
+    assert np.all((out[both] == la[both]) | (out[both] == lb[both]))
+    assert 0 < (out[both] == la[both]).mean() < 1  # resolved voxel by voxel, not one member always

@@ -152,6 +152,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
+    if args.against == "nnunet":  # nnU-Net's own predictor vs ours on an nnU-Net folder
+        from .nnunetbench import benchmark_cli as nnunet_benchmark
+
+        return nnunet_benchmark(args)
     from .benchmark import benchmark_cli
 
     return benchmark_cli(args)
@@ -297,7 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the summary in the model's metadata.json (model authors)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("benchmark", help="our engine vs the MONAI reference pipeline, side by side")
+    p = sub.add_parser("benchmark", help="our engine vs the MONAI reference pipeline (or nnU-Net's "
+                       "predictor), side by side")
+    p.add_argument("--against", choices=["monai", "nnunet"], default="monai",
+                   help="nnunet: nnU-Net's nnUNetPredictor and ours on one nnU-Net folder")
+    p.add_argument("--nnunet-folder", dest="nnunet_folder", help="with --against nnunet: the trained "
+                   "folder (default: nnU-Net's default 3d_fullres plan for OpenKBP, random weights)")
+    p.add_argument("--no-mirror", dest="no_mirror", action="store_true",
+                   help="with --against nnunet: both without mirroring")
     p.add_argument("--model", help="model id (default: the default model)")
     p.add_argument("--case", default="pt_201", help="OpenKBP case to use")
     p.add_argument("--sizes", default="native,clinical", help="native, clinical (about 512x512x300)")

@@ -138,6 +138,7 @@ class Predictor:
         self.mirror = mirror  # nnU-Net models: mirror over the checkpoint's axes, as nnU-Net does
         self.postprocess = postprocess
         self.model: ModelPackage | None = None
+        self.members: list = []
         self.networks: list = []  # one per weights file (several for an ensemble)
 
     # ---- phase 2: load ------------------------------------------------------------------------
@@ -154,6 +155,10 @@ class Predictor:
         package = model if isinstance(model, ModelPackage) else get_model(model)
         if self.has_loaded(package):
             return self.model
+        self.members = []  # several nnU-Net models merged: one predictor each (nnunet.predict_merged)
+        if "merge" in package.meta:
+            self.model, self.networks = package, []
+            return package
         net = package.meta["network"]
         cores = build_loaded_networks(package)
         pristine = [copy.deepcopy(core) for core in cores]  # for exporting: the CPU path edits its norms
@@ -191,6 +196,10 @@ class Predictor:
             self.load()
         model = self.model
         assert model is not None
+        if "merge" in model.meta:
+            from .nnunet import predict_merged
+
+            return predict_merged(self, images, progress, cancel)
         n_inputs = len(model.meta["inputs"])
         if len(images) != n_inputs:
             names = ", ".join(i["name"] for i in model.meta["inputs"])

@@ -844,3 +844,148 @@ def write_random_folder(plans_file: Path, dataset_file: Path, out: Path, configu
                   "inference_allowed_mirroring_axes": tuple(range(len(config["patch_size"])))}
     torch.save(checkpoint, folder / "fold_0" / CHECKPOINT_NAME)
     return folder
+
+
+# ---- several models, one segmentation ---------------------------------------------------------------
+MEMBER_KEYS = ("network", "preprocessing", "inference", "output", "labels", "weights", "nnunet")
+
+
+def write_merged(folder: str | os.PathLike, members: list, model_id: str, title: str | None = None,
+                 version: str = "1.0.0"):
+    """A package whose segmentation merges several nnU-Net models' labels (as TotalSegmentator splits
+    its classes over five models): each label name once, numbered in the members' order; where two
+    members claim a voxel, the more probable label wins (``predict_merged``).
+
+    Every member's weights are copied beside the metadata (``m1-fold_0.pt``, ...); each member's own
+    network, preprocessing and labels are kept in ``merge``. The folder must not exist; it is written
+    under a temporary name and renamed when complete.
+    """
+    from .modelpkg import METADATA_FILE, is_nnunet, load_package, validate_metadata
+
+    folder = Path(folder)
+    if len(members) < 2:
+        raise UNetSegError("Merging needs at least two models.")
+    if folder.exists():
+        raise UNetSegError(f"'{folder}' already exists; choose a new folder for the merged model.")
+    for m in members:
+        if not is_nnunet(m.meta) or "merge" in m.meta:
+            raise UNetSegError(f"Model '{m.id}' is not an imported nnU-Net model; only those merge.")
+        if [i["name"] for i in m.meta["inputs"]] != [i["name"] for i in members[0].meta["inputs"]]:
+            raise UNetSegError(f"Models '{members[0].id}' and '{m.id}' take different inputs.")
+    labels, merge = [], []
+    for index, m in enumerate(members, start=1):
+        values = {}
+        for label in m.labels:
+            known = next((x for x in labels if x["name"] == label["name"]), None)
+            if known is None:
+                known = dict(label, value=len(labels) + 1)
+                labels.append(known)
+            values[label["name"]] = known["value"]
+        part = {k: m.meta[k] for k in MEMBER_KEYS}
+        part["weights"] = [dict(w, file=f"m{index}-{w['file']}") for w in m.weight_files]
+        merge.append({"id": m.id, "version": m.meta["version"], "label_values": values, **part})
+    first = members[0].meta
+    meta = {k: first[k] for k in ("schema_version", "modality", "inputs", *MEMBER_KEYS)}
+    meta.update(id=model_id, version=version, labels=labels,
+                title=title or " + ".join(m.meta["title"] for m in members),
+                licence="; ".join(dict.fromkeys(m.meta["licence"] for m in members)),
+                description=(f"{len(members)} nnU-Net models ({', '.join(m.id for m in members)}) "
+                             "merged into one segmentation; overlaps go to the more probable label."),
+                weights=[w for part in merge for w in part["weights"]], merge=merge)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for index, m in enumerate(members, start=1):
+            for w in m.weight_files:
+                shutil.copy2(m.path / w["file"], staging / f"m{index}-{w['file']}")
+        validate_metadata(meta, f"metadata for {folder}")
+        staging.chmod(0o755)
+        (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return load_package(folder)
+
+
+def member_packages(package) -> list:
+    """The member models of a merged package, as packages sharing its folder (and weights)."""
+    from .modelpkg import ModelPackage, validate_metadata
+
+    members = []
+    for part in package.meta["merge"]:
+        meta = dict(package.meta)
+        meta.pop("merge")
+        meta.update({k: part[k] for k in MEMBER_KEYS}, id=part["id"], version=part["version"])
+        meta["weights"] = part["weights"] if len(part["weights"]) > 1 else part["weights"][0]
+        validate_metadata(meta, f"member '{part['id']}' of {package.path}")
+        members.append((ModelPackage(package.path, meta), part["label_values"]))
+    return members
+
+
+def predict_merged(predictor, images, progress=None, cancel=None):
+    """Run each member with its own predictor and merge: per voxel, the member label whose softmax
+    probability there (linearly interpolated from its model grid) is highest."""
+    import SimpleITK as sitk
+
+    from .inference import Predictor, SegmentationResult
+    from .preprocess import box_reference
+
+    if not predictor.members:
+        predictor.members = []
+        for member, values in member_packages(predictor.model):
+            sub = Predictor(device=predictor.device, overlap=predictor.overlap,
+                            sw_batch_size=predictor.sw_batch_size, postprocess=predictor.postprocess,
+                            runtime=predictor.runtime_request, mirror=predictor.mirror)
+            sub.load(member)
+            predictor.members.append((sub, values))
+    reference = images[0]
+    size_kji = reference.GetSize()[::-1]
+    out = np.zeros(size_kji, np.uint8 if len(predictor.model.labels) < 255 else np.uint16)
+    best = np.zeros(size_kji, np.float32)
+    timings: dict[str, float] = {}
+    messages: list[str] = []
+    for sub, values in predictor.members:
+        keep: dict[str, Any] = {}
+        original = sub._to_input_grid
+
+        def capture(probs, prepared, is_cancelled, original=original, keep=keep):
+            keep["probs"], keep["prepared"] = probs, prepared
+            return original(probs, prepared, is_cancelled)
+
+        sub._to_input_grid = capture  # the member's logits on its model grid, for the scores
+        try:
+            result = sub.predict(images, progress=progress, cancel=cancel)
+        finally:
+            del sub._to_input_grid
+        for k, v in result.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+        messages += [m for m in result.messages if m not in messages]
+        labels = sitk.GetArrayViewFromImage(result.label_map)
+        lut = np.zeros(max(label["value"] for label in sub.model.labels) + 1, out.dtype)
+        for label in sub.model.labels:
+            lut[label["value"]] = values[label["name"]]
+        logits, prepared = keep["probs"], keep["prepared"]
+        score = np.exp(logits - logits.max(axis=0))
+        score = 1.0 - score[0] / score.sum(axis=0)  # probability of not background
+        image = sitk.GetImageFromArray(score.astype(np.float32))
+        image.CopyInformation(prepared.grid)
+        from .postprocess import bounding_box
+
+        box = bounding_box(labels != 0, margin=0)
+        if box is None:
+            continue
+        start = [int(s.start) for s in box[::-1]]
+        from .preprocess import Box
+
+        ref = box_reference(reference, Box(tuple(start), tuple(int(s.stop - s.start) for s in box[::-1])))
+        p = sitk.GetArrayFromImage(sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                 sitk.sitkFloat32))
+        region, region_best, mine = out[box], best[box], labels[box]
+        take = (mine != 0) & (p > region_best)
+        region[take] = lut[mine[take]]
+        region_best[take] = p[take]
+    label_map = sitk.GetImageFromArray(out)
+    label_map.CopyInformation(reference)
+    return SegmentationResult(label_map, predictor.model, None, timings, predictor.device, messages,
+                              predictor.runtime)

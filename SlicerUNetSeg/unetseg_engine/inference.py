@@ -171,7 +171,8 @@ class Predictor:
             network = volume_network(core, net["spatial_dims"]).eval().to(self.device)
             if net["spatial_dims"] == 3:  # oneDNN (CPU) and cuDNN convolutions run faster channels-last
                 network = network.to(memory_format=torch.channels_last_3d)
-                if self.device == "cpu":
+                # not for nnU-Net models: its rounding flips near-ties away from nnU-Net's labels
+                if self.device == "cpu" and net.get("framework") != "nnunetv2":
                     channels_last_instance_norm(network)
             networks.append(network)
         self.runtime, self.window_runners, self.runtime_notes = select_runtime(

@@ -693,15 +693,15 @@ def window_starts(image_size, tile_size, step: float) -> list[list[int]]:
     return steps
 
 
-def gaussian(tile_size, sigma_scale: float = 1.0 / 8) -> np.ndarray:
-    """nnU-Net's ``compute_gaussian`` (float32; its maximum scale cancels in the weighted mean)."""
+def gaussian(tile_size, sigma_scale: float = 1.0 / 8, value_scaling_factor: float = 10) -> np.ndarray:
+    """nnU-Net's ``compute_gaussian``, in float16 as nnU-Net's predictor uses it."""
     from scipy.ndimage import gaussian_filter
 
     tmp = np.zeros(tile_size)
     tmp[tuple(i // 2 for i in tile_size)] = 1
     g = gaussian_filter(tmp, [i * sigma_scale for i in tile_size], 0, mode="constant", cval=0)
-    g /= g.max()
-    g = g.astype(np.float32)
+    g /= g.max() / value_scaling_factor
+    g = g.astype(np.float16)
     g[g == 0] = g[g > 0].min()
     return g
 
@@ -728,6 +728,8 @@ def run_windows(predictor, array: np.ndarray, sw_device: str, report, is_cancell
     data = np.pad(array, [(0, 0)] + pad, mode="constant") if any(sum(p) for p in pad) else array
     starts = window_starts(padded_shape, tile, section["step_size"])
     flips = mirror_combinations(section["mirror_axes"]) if predictor.mirror else [()]
+    # nnU-Net accumulates the weighted logits in float16 (also on the CPU); so do we, for the same
+    # rounding near ties (and half the memory of float32)
     weight = torch.from_numpy(gaussian(tile))
     n_classes = model.out_channels
     windows = list(itertools.product(*starts))
@@ -735,8 +737,8 @@ def run_windows(predictor, array: np.ndarray, sw_device: str, report, is_cancell
     total = max(1, len(windows) * len(runners) * len(flips))
     done = 0
     x = torch.from_numpy(data)
-    logits = torch.zeros((n_classes, *padded_shape), dtype=torch.float32)
-    norm = torch.zeros(padded_shape, dtype=torch.float32)
+    logits = torch.zeros((n_classes, *padded_shape), dtype=torch.float16)
+    norm = torch.zeros(padded_shape, dtype=torch.float16)
     with torch.inference_mode():
         for corner in windows:
             sl = tuple(slice(c, c + t) for c, t in zip(corner, tile))
@@ -757,11 +759,11 @@ def run_windows(predictor, array: np.ndarray, sw_device: str, report, is_cancell
             summed /= len(flips) * len(runners)
             logits[(slice(None), *sl)] += summed * weight
             norm[sl] += weight
-    logits /= norm
+    torch.div(logits, norm, out=logits)
     unpad = tuple(slice(a, a + s) for (a, _), s in zip(pad, shape))
     logits = logits[(slice(None), *unpad)]
     backward = section["transpose_backward"]
-    return np.ascontiguousarray(logits.numpy().transpose([0, *[a + 1 for a in backward]]))
+    return np.ascontiguousarray(logits.float().numpy().transpose([0, *[a + 1 for a in backward]]))
 
 
 def foreground_mask(logits: np.ndarray) -> np.ndarray:

@@ -283,20 +283,32 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onImportModel(self) -> None:
         import qt
 
-        path = qt.QFileDialog.getOpenFileName(self.parent, "Import model package", "",
-                                              "Model packages (*.zip);;All files (*)")
+        path = qt.QFileDialog.getOpenFileName(
+            self.parent, "Import model package", "",
+            "Model packages (*.zip);;nnU-Net trained-model folder (plans.json);;All files (*)")
         path = path[0] if isinstance(path, tuple) else path
         if path:
             self.importModel(path)
 
-    def importModel(self, path: str) -> None:
+    def importModel(self, path: str, licence: str | None = None) -> None:
+        from SlicerUNetSegLib.logic import nnunetFolder
+
+        if nnunetFolder(path) is not None and not licence:  # nnU-Net folders carry no licence
+            import qt
+
+            licence = qt.QInputDialog.getText(self.parent, "Model licence",
+                                              "Licence of this nnU-Net model, as its authors state it:")
+            licence = (licence[0] if isinstance(licence, tuple) else licence) or None
+            if not licence:
+                self.showError("No licence given; nothing was imported.")
+                return
         try:
             try:
-                summary = self.logic.importModel(path)
+                summary = self.logic.importModel(path, licence=licence)
             except UNetSegError as error:
                 if "already installed" not in str(error) or not self.confirm(f"{error}\n\nReplace it?"):
                     raise
-                summary = self.logic.importModel(path, overwrite=True)
+                summary = self.logic.importModel(path, overwrite=True, licence=licence)
         except UNetSegError as error:
             self.showError(str(error))
             return

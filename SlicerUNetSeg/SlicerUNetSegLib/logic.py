@@ -108,10 +108,23 @@ class SlicerUNetSegLogic(ReviewLogicMixin, ScriptedLoadableModuleLogic):
         return get_model(modelId or None)
 
     @staticmethod
-    def importModel(path: str, overwrite: bool = False) -> dict[str, Any]:
-        """Validate a model package (.zip or folder), check its weights, and install it for the user."""
+    def importModel(path: str, overwrite: bool = False, licence: str | None = None) -> dict[str, Any]:
+        """Validate a model package (.zip or folder), check its weights, and install it for the user.
+
+        An nnU-Net v2 trained-model folder (or its plans.json) is converted (``nnunet.py``); it needs
+        ``licence``, which nnU-Net folders never carry."""
+        from pathlib import Path
+
         from unetseg_engine.modelpkg import import_model
 
+        folder = nnunetFolder(path)
+        if folder is not None:
+            from unetseg_engine.errors import UNetSegError
+            from unetseg_engine.nnunet import import_nnunet
+
+            if not licence:
+                raise UNetSegError("nnU-Net folders carry no licence: give the model's licence.")
+            return import_nnunet(Path(folder), licence, overwrite=overwrite).summary()
         return import_model(path, overwrite=overwrite).summary()
 
     def requestEnvironment(self, onEnvironment: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -299,3 +312,14 @@ class SlicerUNetSegLogic(ReviewLogicMixin, ScriptedLoadableModuleLogic):
         """Stop the worker process (called when the module is cleaned up)."""
         self.cancel()
         self.runner.shutdown()
+
+
+def nnunetFolder(path: str) -> str | None:
+    """The nnU-Net trained-model folder ``path`` is (or whose plans.json/dataset.json it is), else None."""
+    from pathlib import Path
+
+    p = Path(path)
+    folder = p.parent if p.name in ("plans.json", "dataset.json") else p
+    if folder.is_dir() and (folder / "plans.json").is_file() and (folder / "dataset.json").is_file():
+        return str(folder)
+    return None

@@ -59,8 +59,23 @@ def cmd_models(args) -> int:
 
 
 def cmd_import(args) -> int:
+    from pathlib import Path
+
     from .modelpkg import import_model
 
+    source = Path(args.package)
+    if source.is_dir() and (source / "plans.json").is_file() and (source / "dataset.json").is_file():
+        from .nnunet import ask_licence, import_nnunet  # an nnU-Net v2 trained-model folder
+
+        folds = [int(f) for f in args.folds.split(",")] if args.folds else None
+        package = import_nnunet(source, args.licence or ask_licence(source), folds=folds,
+                                model_id=args.model_id, overwrite=args.overwrite)
+        print(f"Imported nnU-Net model '{package.id}' ({len(package.weight_files)} fold(s)) to "
+              f"{package.path}")
+        return 0
+    if args.folds or args.licence or args.model_id:
+        raise UNetSegError("--folds, --licence and --model-id are for nnU-Net folders (with "
+                           "plans.json and dataset.json); a model package carries its own.")
     package = import_model(args.package, overwrite=args.overwrite)
     print(f"Installed model '{package.id}' v{package.meta['version']} to {package.path}")
     return 0
@@ -73,7 +88,7 @@ def cmd_segment(args) -> int:
                   window=_window(args.window), overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                   tta=args.tta, postprocess=not args.no_postprocess, quiet=args.quiet,
                   output_type=args.output_type, runtime=args.runtime, uncertainty=args.uncertainty,
-                  review_json=args.review_json)
+                  review_json=args.review_json, mirror=not args.no_mirror)
     return 0
 
 
@@ -158,6 +173,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
+    if args.against == "nnunet":  # nnU-Net's own predictor vs ours on an nnU-Net folder
+        from .nnunetbench import benchmark_cli as nnunet_benchmark
+
+        return nnunet_benchmark(args)
     from .benchmark import benchmark_cli
 
     return benchmark_cli(args)
@@ -199,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "uniform; .nrrd/.nii.gz/.mha) on the input's grid")
     p.add_argument("--review-json", dest="review_json",
                    help="write the review (per label volume, confidence, flags, focus point) as JSON")
+    p.add_argument("--no-mirror", dest="no_mirror", action="store_true",
+                   help="nnU-Net models: skip mirroring over the checkpoint's axes (on by default, as "
+                   "in nnU-Net; about 8 times faster)")
     add_run_options(p)
     p.set_defaults(func=cmd_segment)
 
@@ -225,8 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(p)
     p.set_defaults(func=cmd_batch)
 
-    p = sub.add_parser("import-model", help="validate a model package (folder or .zip) and install it")
-    p.add_argument("package")
+    p = sub.add_parser("import-model", help="validate a model package (folder or .zip), or convert an "
+                       "nnU-Net v2 trained-model folder, and install it")
+    p.add_argument("package", help="package folder or .zip, or an nnU-Net folder "
+                   "<Trainer>__<Plans>__<configuration> (dataset.json, plans.json, fold_*/)")
+    p.add_argument("--folds", help="nnU-Net: folds to ensemble, e.g. 0,1 (default: every fold present)")
+    p.add_argument("--licence", help="nnU-Net: the model's licence (nnU-Net folders carry none; asked "
+                   "on a terminal, required otherwise)")
+    p.add_argument("--model-id", dest="model_id", help="nnU-Net: id of the package (default: from "
+                   "dataset.json's name and the configuration)")
     p.add_argument("--overwrite", action="store_true", help="replace an installed model of the same id")
     p.set_defaults(func=cmd_import)
 
@@ -324,7 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing int8 graph")
     p.set_defaults(func=lambda args: __import__("unetseg_engine.quantize", fromlist=["x"]).quantize_cli(args))
 
-    p = sub.add_parser("benchmark", help="our engine vs the MONAI reference pipeline, side by side")
+    p = sub.add_parser("benchmark", help="our engine vs the MONAI reference pipeline (or nnU-Net's "
+                       "predictor), side by side")
+    p.add_argument("--against", choices=["monai", "nnunet"], default="monai",
+                   help="nnunet: nnU-Net's nnUNetPredictor and ours on one nnU-Net folder")
+    p.add_argument("--nnunet-folder", dest="nnunet_folder", help="with --against nnunet: the trained "
+                   "folder (default: nnU-Net's default 3d_fullres plan for OpenKBP, random weights)")
+    p.add_argument("--no-mirror", dest="no_mirror", action="store_true",
+                   help="with --against nnunet: both without mirroring")
     p.add_argument("--model", help="model id (default: the default model)")
     p.add_argument("--case", default="pt_201", help="OpenKBP case to use")
     p.add_argument("--sizes", default="native,clinical", help="native, clinical (about 512x512x300)")

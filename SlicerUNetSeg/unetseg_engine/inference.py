@@ -117,7 +117,7 @@ class Predictor:
     def __init__(self, device: str = "auto", overlap: float | None = None,
                  sw_batch_size: int | None = None, tta: bool = False, postprocess: bool = True,
                  num_threads: int | None = None, runtime: str = "auto",
-                 uncertainty: bool = False) -> None:
+                 uncertainty: bool = False, mirror: bool = True) -> None:
         import torch
 
         from .runtimes import check_runtime
@@ -140,9 +140,11 @@ class Predictor:
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
         self.tta = tta
+        self.mirror = mirror  # nnU-Net models: mirror over the checkpoint's axes, as nnU-Net does
         self.postprocess = postprocess
         self.uncertainty = uncertainty  # also bring back the uncertainty map (review.uncertainty_map)
         self.model: ModelPackage | None = None
+        self.members: list = []
         self.networks: list = []  # one per weights file (several for an ensemble)
 
     # ---- phase 2: load ------------------------------------------------------------------------
@@ -159,6 +161,10 @@ class Predictor:
         package = model if isinstance(model, ModelPackage) else get_model(model)
         if self.has_loaded(package):
             return self.model
+        self.members = []  # several nnU-Net models merged: one predictor each (nnunet.predict_merged)
+        if "merge" in package.meta:
+            self.model, self.networks = package, []
+            return package
         net = package.meta["network"]
         cores = build_loaded_networks(package)
         pristine = [copy.deepcopy(core) for core in cores]  # for exporting: the CPU path edits its norms
@@ -171,7 +177,8 @@ class Predictor:
             network = volume_network(core, net["spatial_dims"]).eval().to(self.device)
             if net["spatial_dims"] == 3:  # oneDNN (CPU) and cuDNN convolutions run faster channels-last
                 network = network.to(memory_format=torch.channels_last_3d)
-                if self.device == "cpu":
+                # not for nnU-Net models: its rounding flips near-ties away from nnU-Net's labels
+                if self.device == "cpu" and net.get("framework") != "nnunetv2":
                     channels_last_instance_norm(network)
             networks.append(network)
         self.runtime, self.window_runners, self.runtime_notes = select_runtime(
@@ -196,6 +203,10 @@ class Predictor:
             self.load()
         model = self.model
         assert model is not None
+        if "merge" in model.meta:
+            from .nnunet import predict_merged
+
+            return predict_merged(self, images, progress, cancel)
         n_inputs = len(model.meta["inputs"])
         if len(images) != n_inputs:
             names = ", ".join(i["name"] for i in model.meta["inputs"])
@@ -211,7 +222,12 @@ class Predictor:
 
         t = time.perf_counter()
         report("preprocessing", 0.0)
-        prepared = prepare(images, model.meta["preprocessing"], window)
+        if "nnunet" in model.meta:  # nnU-Net's own preprocessing (nnunet.py)
+            from . import nnunet
+
+            prepared = nnunet.prepare(images, model.meta["nnunet"])
+        else:
+            prepared = prepare(images, model.meta["preprocessing"], window)
         timings["preprocess_s"] = time.perf_counter() - t
         if is_cancelled():
             raise CancelledError()
@@ -238,6 +254,10 @@ class Predictor:
         from .review import build_review, uncertainty_map
 
         model = self.model
+        if "nnunet" in model.meta:  # nnU-Net's windows give logits; the review reads probabilities
+            import torch
+
+            probs = torch.softmax(torch.from_numpy(np.asarray(probs, np.float32)), 0).numpy()
         entries = build_review(probs, prepared, model, label_map, masks)
         if not self.uncertainty:
             return entries, None
@@ -246,8 +266,9 @@ class Predictor:
 
     def _windows_args(self, model: ModelPackage | None = None) -> dict[str, Any]:
         meta = (model or self.model).meta["inference"]  # type: ignore[union-attr]
+        nnunet = (model or self.model).meta.get("nnunet")  # type: ignore[union-attr]
         return {
-            "roi_size": list(reversed(meta["patch_size"])),
+            "roi_size": list(nnunet["patch_size"]) if nnunet else list(reversed(meta["patch_size"])),
             "overlap": self.overlap if self.overlap is not None else meta.get("overlap", 0.5),
             "sw_batch_size": self.sw_batch_size or meta.get("sw_batch_size", 2),
             "mode": meta.get("blend_mode", "gaussian"),
@@ -298,6 +319,10 @@ class Predictor:
         import torch
         from monai.inferers import sliding_window_inference
 
+        if "nnunet" in self.model.meta:  # type: ignore[union-attr]  # nnU-Net's windows: logits
+            from . import nnunet
+
+            return nnunet.run_windows(self, array, sw_device, report, is_cancelled)
         multilabel = self.model.multilabel  # type: ignore[union-attr]
         # the window runner seam: PyTorch runs the networks (moved by the out-of-memory fallback)
         runners = self.networks if self.runtime == "torch" else self.window_runners
@@ -368,9 +393,14 @@ class Predictor:
     # ---- back to the input grid ---------------------------------------------------------------
     def _region_box(self, probs: np.ndarray, prepared, channels) -> Box | None:
         """The input-index box covering model-grid voxels where any of ``channels`` is plausible."""
-        mask = np.zeros(probs.shape[1:], bool)
-        for c in channels:
-            mask |= probs[c] > REGION_THRESHOLD
+        if "nnunet" in self.model.meta:  # type: ignore[union-attr]  # logits: where an organ wins
+            from .nnunet import foreground_mask
+
+            mask = foreground_mask(probs)
+        else:
+            mask = np.zeros(probs.shape[1:], bool)
+            for c in channels:
+                mask |= probs[c] > REGION_THRESHOLD
         if not mask.any():
             return None
         lo, hi = [], []
@@ -459,7 +489,8 @@ class Predictor:
         if is_cancelled():
             raise CancelledError()
         kji = np.nonzero(out == mixed)
-        if kji[0].size > MIXED_FRACTION_LIMIT * out.size:  # a noisy model: interpolate every class
+        # a noisy model: interpolate every class (not for nnU-Net's logits, which clamp at the edges)
+        if kji[0].size > MIXED_FRACTION_LIMIT * out.size and "nnunet" not in self.model.meta:
             del kji
             return self._argmax_resampled(probs, prepared, ref, is_cancelled, out)
         if kji[0].size:
@@ -481,6 +512,23 @@ class Predictor:
                                         prefilter=False)
             out[kji] = _argmax_first_axis(scores, small)
         return out
+
+    def _classes_on(self, probs, prepared, ref, is_cancelled) -> np.ndarray:
+        """``_argmax_on``, or for nnU-Net models exported with a separate low-resolution axis, nnU-Net's
+        own resampling of the logits (``nnunet.export_separate_z``)."""
+        section = self.model.meta.get("nnunet")  # type: ignore[union-attr]
+        if section is None:
+            return self._argmax_on(probs, prepared, ref, is_cancelled)
+        from . import nnunet
+
+        if nnunet.needs_separate_z_export(prepared, section) is None:
+            return self._argmax_on(probs, prepared, ref, is_cancelled)
+        classes = nnunet.export_separate_z(probs, prepared, section, is_cancelled)
+        start = np.array(ref.GetOrigin())  # the region box, in the crop box's index space
+        offset = np.rint(prepared.reference.TransformPhysicalPointToContinuousIndex(start)).astype(int)
+        offset = offset - np.array(prepared.box.start)
+        size = ref.GetSize()
+        return classes[tuple(slice(o, o + n) for o, n in zip(offset[::-1], size[::-1]))]
 
     def _argmax_resampled(self, probs, prepared, ref, is_cancelled, out: np.ndarray) -> np.ndarray:
         """``_argmax_on`` by resampling every class onto ``ref`` (into ``out``, reused)."""
@@ -532,7 +580,7 @@ class Predictor:
             box = self._region_box(probs, prepared, range(1, probs.shape[0]))
             if box is not None:
                 ref = box_reference(reference, box)
-                classes = self._argmax_on(probs, prepared, ref, is_cancelled)
+                classes = self._classes_on(probs, prepared, ref, is_cancelled)
                 lut = np.array([0] + values, dtype)
                 best_c = lut[classes]
                 del classes

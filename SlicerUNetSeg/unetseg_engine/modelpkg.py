@@ -75,10 +75,50 @@ def validate_metadata(meta: Any, where: str = "metadata.json") -> None:
     from .networks import check_patch_fits, validate_network  # import no torch
 
     net = meta["network"]
+    if is_nnunet(meta):
+        _validate_nnunet(meta, where)
+        return
+    if net.get("framework", "monai") != "monai" or net["architecture"] in NNUNET_ARCHITECTURES:
+        raise UNetSegError(f"Model metadata {where}: the {net['architecture']} network needs "
+                           "framework 'nnunetv2' and an 'nnunet' section (import the nnU-Net folder "
+                           "with 'unetseg import-model').")
     validate_network(net["architecture"], net["spatial_dims"], net["params"])
     try:
         check_patch_fits(net["architecture"], net["spatial_dims"], net["params"],
                          meta["inference"]["patch_size"])
+    except UNetSegError as error:
+        raise UNetSegError(f"Model metadata {where}: {error}") from None
+
+
+NNUNET_ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet")
+
+
+def is_nnunet(meta: dict[str, Any]) -> bool:
+    """Whether a package is an imported nnU-Net model (run with nnU-Net's steps, ``nnunet.py``)."""
+    return meta["network"].get("framework") == "nnunetv2"
+
+
+def _validate_nnunet(meta: dict[str, Any], where: str) -> None:
+    from . import nnunet  # imports no torch
+
+    net, section = meta["network"], meta.get("nnunet")
+    problem = None
+    if section is None:
+        problem = "framework 'nnunetv2' needs an 'nnunet' section"
+    elif meta["preprocessing"]["normalization"]["method"] != "nnunet":
+        problem = "an nnU-Net model's normalisation method must be 'nnunet'"
+    elif meta["output"]["type"] != "multiclass":
+        problem = "nnU-Net models give one label per voxel (output type multiclass)"
+    elif len(section["normalization_schemes"]) != len(meta["inputs"]) or \
+            len(section["intensity_properties"]) != len(meta["inputs"]):
+        problem = "the nnunet section must give a normalisation for each input"
+    elif len(section["patch_size"]) != net["spatial_dims"]:
+        problem = "the nnunet patch_size does not match spatial_dims"
+    if problem:
+        raise UNetSegError(f"Model metadata {where} is invalid: {problem}.")
+    try:
+        nnunet.validate_network(net["architecture"], net["spatial_dims"], net["params"])
+        nnunet.check_patch_fits(net["params"], section["patch_size"])
     except UNetSegError as error:
         raise UNetSegError(f"Model metadata {where}: {error}") from None
 

@@ -124,8 +124,13 @@ def build_loaded_networks(package) -> list:
     cores = []
     for state in package.load_state_dicts():
         try:
-            core = build_network(net["architecture"], net["spatial_dims"], len(package.meta["inputs"]),
-                                 package.out_channels, net["params"])
+            if net.get("framework") == "nnunetv2":
+                from .nnunet import build_network as build_nnunet
+
+                core = build_nnunet(net, len(package.meta["inputs"]), package.out_channels)
+            else:
+                core = build_network(net["architecture"], net["spatial_dims"],
+                                     len(package.meta["inputs"]), package.out_channels, net["params"])
         except (ValueError, TypeError, AssertionError, RuntimeError) as error:
             raise UNetSegError(f"The network of model '{package.id}' cannot be built from its "
                                f"metadata ({str(error).splitlines()[0][:160]}).") from None
@@ -146,6 +151,8 @@ def check_package_runs(package) -> None:
 
     net = package.meta["network"]
     patch_zyx = list(reversed(package.meta["inference"]["patch_size"]))
+    if net.get("framework") == "nnunetv2":  # the network takes nnU-Net's (transposed) axis order
+        patch_zyx = list(package.meta["nnunet"]["patch_size"])
     window = torch.zeros(1, len(package.meta["inputs"]), *patch_zyx)
     for core in build_loaded_networks(package)[:1]:  # members share the network description
         try:

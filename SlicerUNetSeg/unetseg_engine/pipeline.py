@@ -131,7 +131,8 @@ def run_one(predictor, images, out_path: Path, kind: str, *, window=None, progre
 def segment_files(inputs: list[str], output: str, *, model: str | None = None, device: str = "auto",
                   window=None, overlap=None, sw_batch_size=None, tta: bool = False,
                   postprocess: bool = True, quiet: bool = False, output_type: str | None = None,
-                  runtime: str = "auto", uncertainty: str | None = None, review_json: str | None = None):
+                  runtime: str = "auto", uncertainty: str | None = None, review_json: str | None = None,
+                  mirror: bool = True):
     """Read the inputs, segment them, and write ``output`` (label map, .seg.nrrd or DICOM SEG)
     atomically.
 
@@ -167,7 +168,7 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
     progress("loading model", 0.0)
     predictor = load_predictor(package, device=device, overlap=overlap, sw_batch_size=sw_batch_size,
                                tta=tta, postprocess=postprocess, runtime=runtime,
-                               uncertainty=uncertainty is not None)
+                               uncertainty=uncertainty is not None, mirror=mirror)
     timings["load_model_s"] = time.perf_counter() - t
     result, run_timings, notes = run_one(predictor, images, out_path, kind, window=window,
                                          progress=progress, dicom=dicom)

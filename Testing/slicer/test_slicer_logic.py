@@ -260,6 +260,19 @@ def test_import_model_package_from_zip(logic, modelsDir, tmp_path):
         logic.importModel(str(archive))
 
 
+def test_import_nnunet_folder_asks_for_a_licence(logic, modelsDir):
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "fixtures" / "nnunet" / \
+        "nnUNetTrainer__nnUNetPlansTiny__3d_fullres"
+    with pytest.raises(UNetSegError, match="licence"):
+        logic.importModel(str(folder / "plans.json"))
+    summary = logic.importModel(str(folder / "plans.json"), licence="research use only")
+    assert summary["licence"] == "research use only"
+    assert summary["labels"][0] == "Brainstem"
+    assert summary["id"] in [m["id"] for m in logic.listModels()]
+
+
 def test_parameter_node_survives_scene_save_and_load(logic, ct, scene, tmp_path):
     parameters = logic.getParameterNode()
     parameters.inputVolume = ct

@@ -1,0 +1,303 @@
+"""nnU-Net v2 folders: import, refusal of unsafe folders, nnU-Net's preprocessing, same labels as
+nnU-Net's own predictor (``nnUNetPredictor``) on real OpenKBP scans, and several models merged.
+
+The fixture folder (``fixtures/nnunet/``) was trained by nnunetv2 itself (see its README); nnunetv2
+is a test dependency only: the engine never imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from helpers import openkbp
+from unetseg_engine import nnunet
+from unetseg_engine.errors import UNetSegError
+from unetseg_engine.modelpkg import list_models, load_package, sha256_of
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nnunet"
+TRAINED = FIXTURES / "nnUNetTrainer__nnUNetPlansTiny__3d_fullres"
+
+nnunetv2 = pytest.importorskip("nnunetv2", reason="nnunetv2 (a test dependency) is not installed")
+
+
+@pytest.fixture(autouse=True)
+def _user_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNETSEG_USER_MODELS", str(tmp_path / "user-models"))
+
+
+@pytest.fixture(scope="module")
+def random_folder(tmp_path_factory):
+    """The fixture's plans and labels with nnU-Net's He-initialised weights (every class appears)."""
+    return nnunet.write_random_folder(TRAINED / "plans.json", TRAINED / "dataset.json",
+                                      tmp_path_factory.mktemp("nnunet-random"), seed=3)
+
+
+def _import(folder, model_id, tmp_path, **kw):
+    return nnunet.import_nnunet(folder, "research use only", model_id=model_id,
+                                destination=tmp_path / "models", **kw)
+
+
+# ---- import ----------------------------------------------------------------------------------------
+def test_import_makes_a_package_listed_like_any_other(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNETSEG_USER_MODELS", str(tmp_path / "models"))
+    package = _import(TRAINED, "openkbp-nnunet-tiny", tmp_path)
+    meta = package.meta
+    assert package.label_names == ["Brainstem", "SpinalCord", "RightParotid", "LeftParotid",
+                                   "Esophagus", "Larynx", "Mandible"]
+    assert [label["value"] for label in package.labels] == list(range(1, 8))
+    assert meta["network"] == {**meta["network"], "framework": "nnunetv2",
+                               "architecture": "PlainConvUNet"}
+    assert meta["network"]["params"]["conv_op"] == "Conv3d"
+    plans = json.loads((TRAINED / "plans.json").read_text())
+    section = meta["nnunet"]
+    assert section["spacing"] == plans["configurations"]["3d_fullres"]["spacing"]
+    assert section["patch_size"] == [64, 64, 64]
+    assert section["transpose_forward"] == plans["transpose_forward"]
+    props = plans["foreground_intensity_properties_per_channel"]["0"]
+    assert section["intensity_properties"][0]["percentile_99_5"] == props["percentile_99_5"]
+    assert section["normalization_schemes"] == ["CTNormalization"]
+    assert section["mirror_axes"] == [0, 1, 2]
+    # terminology from the table; the SHA-256 of the weights and of the source checkpoint recorded
+    by_name = {label["name"]: label for label in package.labels}
+    assert by_name["Brainstem"]["terminology"]["type"]["code"] == "15926001"
+    assert by_name["LeftParotid"]["terminology"]["type_modifier"]["meaning"] == "Left"
+    weights = package.weight_files[0]
+    assert sha256_of(package.path / weights["file"]) == weights["sha256"]
+    assert section["source"]["checkpoints"][0]["sha256"] == sha256_of(
+        TRAINED / "fold_0" / "checkpoint_final.pth")
+    assert "openkbp-nnunet-tiny" in [p.id for p in list_models()]
+    assert load_package(package.path).summary()["licence"] == "research use only"
+
+
+def test_unmapped_names_still_get_segments():
+    assert nnunet.terminology_for("kidney_left")["type"]["meaning"] == "Kidney"
+    assert nnunet.terminology_for("Right Parotid")["type_modifier"]["meaning"] == "Right"
+    assert nnunet.terminology_for("tumour_core") is None
+    labels = nnunet._labels({"labels": {"background": 0, "tumour_core": 1, "liver": 2}})
+    assert [(label["name"], "terminology" in label) for label in labels] == [
+        ("tumour_core", False), ("liver", True)]
+
+
+def test_folds_pick_members_and_ensemble(tmp_path, random_folder):
+    fold1 = random_folder / "fold_1"
+    shutil.copytree(random_folder / "fold_0", fold1)
+    try:
+        both = _import(random_folder, "random-both", tmp_path)
+        one = _import(random_folder, "random-one", tmp_path, folds=[1])
+        with pytest.raises(UNetSegError, match=r"Fold\(s\) \[4\]"):
+            _import(random_folder, "random-four", tmp_path, folds=[4])
+    finally:
+        shutil.rmtree(fold1)
+    assert [w["file"] for w in both.weight_files] == ["fold_0.pt", "fold_1.pt"]
+    assert [w["file"] for w in one.weight_files] == ["fold_1.pt"]
+
+
+# ---- refusals ----------------------------------------------------------------------------------------
+def _copy(tmp_path, name="nnUNetTrainer__nnUNetPlansTiny__3d_fullres"):
+    folder = tmp_path / "bad" / name
+    shutil.copytree(TRAINED, folder)
+    return folder
+
+
+def _nothing_installed(tmp_path):
+    models = tmp_path / "models"
+    assert not models.exists() or not [p for p in models.iterdir()], list(models.iterdir())
+
+
+def test_refuses_a_folder_without_plans(tmp_path):
+    folder = _copy(tmp_path)
+    (folder / "plans.json").unlink()
+    with pytest.raises(UNetSegError, match="no plans"):
+        _import(folder, "no-plans", tmp_path)
+    _nothing_installed(tmp_path)
+
+
+def test_refuses_an_unknown_architecture_class(tmp_path):
+    folder = _copy(tmp_path)
+    plans = json.loads((folder / "plans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    arch["network_class_name"] = "my_lab.nets.EvilUNet"
+    (folder / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(UNetSegError, match="unknown network architecture class 'my_lab.nets.EvilUNet'"):
+        _import(folder, "evil-arch", tmp_path)
+    arch["network_class_name"] = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+    arch["arch_kwargs"]["nonlin"] = "os.system"  # a building block outside the allow-list
+    (folder / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(UNetSegError, match="'os.system'.*Nothing was imported"):
+        _import(folder, "evil-nonlin", tmp_path)
+    _nothing_installed(tmp_path)
+
+
+class Payload:  # pickled by reference: unpickling would import this module and run __reduce__
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/unetseg-nnunet-payload-ran"),))
+
+
+def test_refuses_a_checkpoint_holding_an_arbitrary_object(tmp_path):
+    import torch
+
+    folder = _copy(tmp_path)
+    checkpoint = torch.load(TRAINED / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    checkpoint["logging"] = {"note": Payload()}
+    torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
+    marker = Path("/tmp/unetseg-nnunet-payload-ran")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(UNetSegError, match="could not be loaded as plain data.*nothing in it was run"):
+        _import(folder, "evil-pickle", tmp_path)
+    assert not marker.exists()
+    _nothing_installed(tmp_path)
+
+
+def test_cli_refuses_without_a_licence(tmp_path, capsys):
+    from unetseg_engine.cli import main
+
+    assert main(["import-model", str(TRAINED)]) != 0  # stdin is no terminal under pytest
+    assert "--licence" in capsys.readouterr().err
+
+
+# ---- nnU-Net's preprocessing ---------------------------------------------------------------------
+def test_preprocessing_matches_nnunet(tmp_path):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    image_path, _ = openkbp("pt_201")
+    plans = json.loads((TRAINED / "plans.json").read_text())
+    dataset = json.loads((TRAINED / "dataset.json").read_text())
+    manager = PlansManager(plans)
+    data, props = SimpleITKIO().read_images([str(image_path)])
+    theirs, _, _ = DefaultPreprocessor(verbose=False).run_case_npy(
+        data, None, props, manager, manager.get_configuration("3d_fullres"), dataset)
+    package = _import(TRAINED, "pre-check", tmp_path)
+    ours = nnunet.prepare([sitk.ReadImage(str(image_path))], package.meta["nnunet"]).array
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() < 1e-4
+
+
+@pytest.mark.parametrize("spacing,new_shape", [((3.0, 0.8, 0.8), (9, 30, 30)),  # separate low-res axis
+                                               ((1.0, 1.2, 0.9), (13, 17, 11))])
+def test_resampling_matches_nnunet(spacing, new_shape):
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(2, 12, 24, 20)).astype(np.float32)
+    new_spacing = [s * o / n for s, o, n in zip(spacing, data.shape[1:], new_shape)]
+    theirs = resample_data_or_seg_to_shape(data, new_shape, spacing, new_spacing, order=3, order_z=0,
+                                           force_separate_z=None)  # as the plans say
+    axis = nnunet.separate_z(spacing, new_spacing, None)
+    assert (axis is not None) == (spacing[0] == 3.0)
+    ours = nnunet.resample(data, new_shape, axis, 3, 0)
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
+# ---- same labels as nnUNetPredictor ----------------------------------------------------------------
+def _crop(case, tmp_path):
+    """A real scan, cropped (x 96, y 64, z 48 voxels) to keep the test short: two windows along one
+    axis, and padding along another."""
+    image_path, _ = openkbp(case)
+    image = sitk.ReadImage(str(image_path))
+    cropped = image[16:112, 40:104, 40:88]
+    path = tmp_path / f"{case}_crop_0000.nii.gz"
+    sitk.WriteImage(cropped, str(path))
+    return path
+
+
+def _nnunet_labels(folder, path, mirror=True):
+    import torch
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirror,
+                                perform_everything_on_device=False, device=torch.device("cpu"),
+                                verbose=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,),
+                                                   checkpoint_name="checkpoint_final.pth")
+    data, props = SimpleITKIO().read_images([str(path)])
+    return predictor.predict_single_npy_array(data, props, None, None, False)
+
+
+def _our_labels(package, path, mirror=True):
+    from unetseg_engine.inference import Predictor
+
+    predictor = Predictor(device="cpu", runtime="torch", mirror=mirror)
+    predictor.load(package)
+    result = predictor.predict([sitk.ReadImage(str(path))])
+    reference = sitk.ReadImage(str(path))
+    assert result.label_map.GetSize() == reference.GetSize()
+    assert np.allclose(result.label_map.GetOrigin(), reference.GetOrigin())
+    return sitk.GetArrayFromImage(result.label_map)
+
+
+def _dice_per_label(theirs, ours, n_labels=7):
+    scores = {}
+    for value in range(1, n_labels + 1):
+        a, b = theirs == value, ours == value
+        if a.sum() + b.sum():
+            scores[value] = 2 * float((a & b).sum()) / float(a.sum() + b.sum())
+    return scores
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights,case,mirror", [("random", "pt_201", True),
+                                                 ("random", "pt_222", False),
+                                                 ("trained", "pt_225", False)])
+def test_same_labels_as_nnunet_predictor(weights, case, mirror, tmp_path, random_folder):
+    folder = random_folder if weights == "random" else TRAINED
+    package = _import(folder, f"agree-{weights}", tmp_path)
+    path = _crop(case, tmp_path)
+    theirs = _nnunet_labels(folder, path, mirror)
+    ours = _our_labels(package, path, mirror)
+    assert theirs.shape == ours.shape
+    scores = _dice_per_label(theirs, ours)
+    print(f"{weights} {case} mirror={mirror}: labels {sorted(scores)}, worst Dice "
+          f"{min(scores.values(), default=1.0):.4f}, voxels differing {(theirs != ours).sum()}")
+    if weights == "random":  # the harsh case: most classes present, boundaries everywhere
+        assert len(scores) >= 3, scores
+    assert all(s >= 0.99 for s in scores.values()), scores
+    assert (theirs != ours).mean() < 0.005
+
+
+# ---- several models, one segmentation ---------------------------------------------------------------
+def _member(tmp_path, name, labels, seed):
+    dataset = json.loads((TRAINED / "dataset.json").read_text())
+    dataset["labels"] = {"background": 0, **{n: i + 1 for i, n in enumerate(labels)}}
+    (tmp_path / f"{name}.json").write_text(json.dumps(dataset))
+    folder = nnunet.write_random_folder(TRAINED / "plans.json", tmp_path / f"{name}.json",
+                                        tmp_path / name, seed=seed)
+    return _import(folder, name, tmp_path)
+
+
+@pytest.mark.slow
+def test_several_models_merge_into_one_segmentation(tmp_path):
+    from unetseg_engine.inference import Predictor
+
+    a = _member(tmp_path, "part-a", ["Brainstem", "SpinalCord", "Mandible"], seed=1)
+    b = _member(tmp_path, "part-b", ["Mandible", "Larynx", "Esophagus"], seed=2)
+    merged = nnunet.write_merged(tmp_path / "models" / "merged", [a, b], "merged-ab")
+    assert merged.label_names == ["Brainstem", "SpinalCord", "Mandible", "Larynx", "Esophagus"]
+    with pytest.raises(UNetSegError, match="already exists"):
+        nnunet.write_merged(tmp_path / "models" / "merged", [a, b], "merged-ab")
+    path = _crop("pt_236", tmp_path)
+    image = sitk.ReadImage(str(path))
+    runs = {}
+    for package in (a, b, merged):
+        predictor = Predictor(device="cpu", runtime="torch", mirror=False)
+        predictor.load(package)
+        runs[package.id] = sitk.GetArrayFromImage(predictor.predict([image]).label_map)
+    value = {label["name"]: label["value"] for label in merged.labels}
+    la = np.array([0] + [value[n] for n in a.label_names])[runs["part-a"]]
+    lb = np.array([0] + [value[n] for n in b.label_names])[runs["part-b"]]
+    out = runs["merged-ab"]
+    assert np.array_equal(out != 0, (la != 0) | (lb != 0))  # every label of every member kept
+    only_a, only_b = (la != 0) & (lb == 0), (lb != 0) & (la == 0)
+    assert np.array_equal(out[only_a], la[only_a]) and np.array_equal(out[only_b], lb[only_b])
+    both = (la != 0) & (lb != 0) & (la != lb)
+    assert both.sum() > 100  # random weights: the members overlap a lot
+    assert np.all((out[both] == la[both]) | (out[both] == lb[both]))
+    assert 0 < (out[both] == la[both]).mean() < 1  # resolved voxel by voxel, not one member always

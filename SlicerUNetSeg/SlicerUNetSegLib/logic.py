@@ -29,6 +29,7 @@ from unetseg_engine.errors import CancelledError, UNetSegError
 from unetseg_engine.runtimes import RUNTIME_CHOICES as RUNTIMES
 
 from .geometry import checkVolume, writeVolumeForWorker
+from .learning import FINETUNE_CANCEL_GRACE_S, LearningLogicMixin
 from .parameters import SlicerUNetSegParameterNode
 from .segmentationBuilder import fillSegmentation, placeLikeVolume
 from .workerRunner import InferenceRunner, WorkerRunner
@@ -61,12 +62,17 @@ class SegmentationJob:
         return self.state in ("done", "failed", "cancelled")
 
 
-class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
-    """Runs models on volume nodes; usable from scripts. ``runner`` defaults to a ``WorkerRunner``."""
+class SlicerUNetSegLogic(LearningLogicMixin, ScriptedLoadableModuleLogic):
+    """Runs models on volume nodes; usable from scripts. ``runner`` defaults to a ``WorkerRunner``;
+    ``finetuneRunner`` (learning from corrections, ``learning.py``) to another one of its own."""
 
-    def __init__(self, runner: InferenceRunner | None = None) -> None:
+    def __init__(self, runner: InferenceRunner | None = None,
+                 finetuneRunner: InferenceRunner | None = None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.runner: InferenceRunner = runner or WorkerRunner()
+        self.finetuneRunner: InferenceRunner = finetuneRunner or \
+            WorkerRunner(cancelGraceS=FINETUNE_CANCEL_GRACE_S)
+        self.finetuneJob = None
         self.job: SegmentationJob | None = None
         self.environment: dict[str, Any] | None = None
         self.onEnvironment: Callable[[dict[str, Any]], None] | None = None
@@ -286,6 +292,8 @@ class SlicerUNetSegLogic(ScriptedLoadableModuleLogic):
         return job.segmentationNode
 
     def shutdown(self) -> None:
-        """Stop the worker process (called when the module is cleaned up)."""
+        """Stop the worker processes (called when the module is cleaned up)."""
         self.cancel()
         self.runner.shutdown()
+        self.cancelFinetune()
+        self.finetuneRunner.shutdown()

@@ -257,7 +257,8 @@ def finetune(model: str | None, dataset: str | Path, output: str | Path,
                       learning_rate=settings.learning_rate, batch_size=settings.batch_size,
                       patch_size=settings.patch_size, device=settings.device, seed=settings.seed,
                       num_threads=settings.num_threads, time_limit_min=settings.time_limit_min,
-                      precision=settings.precision, mirror_pairs=[list(p) for p in mirror], val_every=settings.iterations + 1,
+                      precision=settings.precision, mirror_pairs=[list(p) for p in mirror],
+                      val_every=settings.iterations + 1,
                       cases={"train": train_names, "validation": []})
     trained = load_package(Trainer(cfg, progress=lambda f: progress("fine-tuning", f),
                                    cancel=cancel).run())

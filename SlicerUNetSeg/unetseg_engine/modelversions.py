@@ -171,8 +171,9 @@ def restore_version(model_id: str, version: str | None = None, base_version: str
     stored = {entry["version"]: entry for entry in record["history"]}
     if version is None:
         if not active:
-            raise UNetSegError(f"'{model_id}' is at its base version{f' {base_version}' if base_version else ''}"
-                               "; there is no earlier version to restore.")
+            at = f" {base_version}" if base_version else ""
+            raise UNetSegError(f"'{model_id}' is at its base version{at}; there is no earlier version "
+                               "to restore.")
         version = stored.get(active, {}).get("parent")
     if version is None or version == base_version or version == "base":
         record["active"] = None

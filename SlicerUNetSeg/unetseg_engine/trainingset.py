@@ -50,7 +50,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _taken_ids(root: Path, partial_table: dict[str, Any]) -> set[str]:
     taken = set(partial_table)
-    for sub, strip in (("imagesTr", re.compile(r"_\d{4}\.nii\.gz$")), ("labelsTr", re.compile(r"\.nii\.gz$"))):
+    patterns = (("imagesTr", re.compile(r"_\d{4}\.nii\.gz$")), ("labelsTr", re.compile(r"\.nii\.gz$")))
+    for sub, strip in patterns:
         folder = root / sub
         if folder.is_dir():
             taken |= {strip.sub("", p.name) for p in folder.iterdir() if p.name.endswith(ENDING)}

@@ -29,7 +29,7 @@ import harness  # noqa: E402  (Testing/slicer is on sys.path: rootdir-relative c
 MISSING = harness.missingReason()
 if not MISSING:
     harness.install()
-NEEDS_SLICER_CODE = ("test_slicer_logic.py", "test_slicer_widget.py")
+NEEDS_SLICER_CODE = ("test_slicer_logic.py", "test_slicer_widget.py", "test_slicer_learning.py")
 
 
 def pytest_collection_modifyitems(config, items):

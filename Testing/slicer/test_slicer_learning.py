@@ -188,3 +188,65 @@ def test_finetune_in_the_worker_is_accepted_listed_restored_and_a_cancel_install
         [("0.0.1", True), ("0.0.2", False)]
     with pytest.raises(CancelledError):
         logic.finetune("tiny-hn", str(root), openkbpRoot, dict(settings, iterations=5000), timeoutS=0.5)
+
+
+@pytest.mark.widget
+def test_panel_section_marks_reviewed_segments_adds_the_case_and_shows_versions(
+        learningSetup, reviewedCase, monkeypatch, tmp_path):
+    import os
+
+    import qt
+
+    import SlicerUNetSeg
+    from SlicerUNetSegLib.learningPanel import resultHtml
+
+    monkeypatch.setattr(learningSetup, "trainingSetFolder", lambda modelId: tmp_path / "set" / modelId)
+    ct, segmentation, clinical = reviewedCase
+    parent = slicer.qMRMLWidget()
+    parent.setLayout(qt.QVBoxLayout())
+    parent.setMRMLScene(slicer.mrmlScene)
+    widget = SlicerUNetSeg.SlicerUNetSegWidget(parent)
+    widget.setup()
+    widget.logic.shutdown()
+    widget.logic = learningSetup
+    widget.errors = []
+    widget.showError = lambda text, details=None: widget.errors.append(text)
+    try:
+        node = widget._parameterNode
+        node.modelId, node.inputVolume, node.outputSegmentation = "tiny-hn", ct, segmentation
+        section = widget.learningPanel
+        section.refresh()
+        items = [section.reviewedList.item(i) for i in range(section.reviewedList.count())]
+        assert [item.text() for item in items] == OPENKBP_LABELS
+        assert section.addButton.isEnabled()
+        section.addButton.click()  # nothing reviewed yet: refused, saying what to do
+        assert widget.errors and "No segment is marked as reviewed" in widget.errors[-1]
+        for item in items:
+            if item.text() in ("Brainstem", "Mandible"):
+                item.setCheckState(qt.Qt.Checked)
+        assert [segmentation.GetSegmentation().GetSegment(i).GetName()
+                for i in learningSetup.reviewedSegmentIds(segmentation)] == ["Brainstem", "Mandible"]
+        section.addButton.click()
+        case = tmp_path / "set" / "tiny-hn" / "labelsTr" / "case_0001.nii.gz"
+        assert case.is_file()
+        assert sorted(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(case))))) == [0, 1, 7]
+        assert section.trainingSetLabel.property("text").startswith("1 case(s) in ")
+        assert "0.0.1 (base" in section.versionsLabel.property("text")
+        gate = {"held_out": "user", "cases": ["a", "b"], "reasons": ["Mean Dice fell from 0.700 to 0.500."],
+                "old_mean_dice": 0.7, "new_mean_dice": 0.5,
+                "per_label": {"Brainstem": {"n": 2, "old": 0.7, "new": 0.5, "delta": -0.2},
+                              "Larynx": {"n": 0, "old": None, "new": None, "delta": None}}}
+        text = resultHtml({"accepted": False, "old_version": "1.2.0", "new_version": "1.2.1", "gate": gate})
+        assert "<b>Rejected</b>: version 1.2.0 stays" in text and "-0.200" in text and "Larynx" not in text
+        section.resultLabel.setText(text)
+        folder = os.environ.get("UNETSEG_SCREENSHOT_DIR")
+        if folder:
+            parent.resize(440, 1200)
+            parent.show()
+            slicer.app.processEvents()
+            parent.grab().save(str(Path(folder) / "learn-from-corrections.png"))
+    finally:
+        widget.learningPanel.cleanup()  # not widget.cleanup(): it would stop the shared logic's workers
+        widget.timer.stop()
+        widget.removeObservers()
+        parent.close()

@@ -221,13 +221,20 @@ def test_too_few_user_cases_are_judged_on_the_models_own_validation_cases(tmp_pa
     assert not set(train) & set(held_out)
 
 
-def test_finetune_refuses_a_dataset_with_other_labels_before_training(tmp_path, tiny_hn):
+def test_finetune_refuses_a_dataset_with_other_labels_before_training(tmp_path, tiny_hn, capsys):
     dataset = cropped_dataset(tmp_path / "other", splits=True)
     meta = json.loads((dataset / "dataset.json").read_text())
     meta["labels"] = {"background": 0, **{f"Organ{i}": i for i in range(1, 8)}}
     (dataset / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(UNetSegError, match="are not the labels of 'tiny-hn'"):
         finetune("tiny-hn", dataset, tmp_path / "run", settings())
+    assert not (tmp_path / "run").exists()
+    from unetseg_engine.cli import main
+
+    assert main(["finetune", str(dataset), "--model", "tiny-hn", "-o", str(tmp_path / "run")]) == 2
+    assert main(["finetune", str(dataset), "--model", "tiny-hn", "-o", str(tmp_path / "run"),
+                 "--learning-rate", "0"]) == 2
+    assert "learning rate 0.0: above 0" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

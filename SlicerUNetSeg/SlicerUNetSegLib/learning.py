@@ -244,7 +244,11 @@ class LearningLogicMixin:
         if not (dataset / "dataset.json").is_file():
             raise UNetSegError(f"The training set {dataset} is empty: add reviewed cases first "
                                "('Add to training set').")
-        FinetuneSettings(**(settings or {})).check()  # refuse bad settings here, not in the worker
+        try:  # refuse bad settings here, not in the worker
+            FinetuneSettings(**(settings or {})).check()
+        except TypeError as error:
+            raise UNetSegError(f"Unknown fine-tuning setting ({error}); the settings are the fields of "
+                               "unetseg_engine.finetune.FinetuneSettings.") from None
         output = Path(runFolder) if runFolder else user_models_dir().parent / "finetune-runs" / \
             f"{model.id}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
         job = FinetuneJob(model.id, str(dataset), str(output), onProgress, onDone)

@@ -44,7 +44,10 @@ def cmd_models(args) -> int:
     for path, reason in skipped:  # on stderr, so that --json output stays parseable
         print(f"unetseg: skipped '{path}': {reason}", file=sys.stderr)
     if args.json:
-        print(json.dumps([m.summary() for m in models], indent=2))
+        from .modelversions import list_versions
+
+        print(json.dumps([dict(m.summary(), versions=list_versions(m.id, _base_version(m.id)))
+                          for m in models], indent=2))
         return 0
     if not models:
         print("No models found. Search path: see 'unetseg models --help'.")

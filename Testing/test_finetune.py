@@ -191,10 +191,11 @@ def test_an_interrupted_install_leaves_no_version(tmp_path, tiny_hn, user_models
     staging = folder / ".0.0.2.killed"
     staging.mkdir()
     (staging / "metadata.json").write_text((candidate.path / "metadata.json").read_text())
-    (user_models / ".tiny-hn.killed").mkdir(parents=True)
-    (user_models / ".tiny-hn.killed" / "metadata.json").write_text(
-        (candidate.path / "metadata.json").read_text())
-    assert [m.path for m in list_models() if m.id == "tiny-hn"] == [tiny_hn.path]
+    # and so does an import-model of a new model killed mid-copy (its weights file missing or short)
+    (user_models / ".tiny-new.killed").mkdir(parents=True)
+    (user_models / ".tiny-new.killed" / "metadata.json").write_text(
+        json.dumps(dict(candidate.meta, id="tiny-new")))
+    assert [m.path for m in list_models() if m.id.startswith("tiny")] == [tiny_hn.path]
     monkeypatch.undo()
     monkeypatch.setenv("UNETSEG_USER_MODELS", str(user_models))
     monkeypatch.setenv("UNETSEG_MODELS_PATH", str(tmp_path / "models"))

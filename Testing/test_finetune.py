@@ -23,7 +23,7 @@ from unetseg_engine.modelpkg import DEFAULT_MODEL_ID, get_model, list_models, sh
 
 TRAIN, HELD_OUT = ["pt_4", "pt_13"], ["pt_201", "pt_222"]  # the shipped model's train / validation cases
 CROP = (slice(34, 94), slice(32, 87), slice(30, 125))  # x, y, z voxels: the neck, one model window
-SHUFFLE = np.array([0, 7, 6, 5, 4, 3, 2, 1], np.uint8)  # every organ labelled as another
+SHUFFLE = np.array([0, 7, 6, 5, 4, 3, 2, 1], np.uint8)  # six of the seven organs relabelled
 
 
 @pytest.fixture

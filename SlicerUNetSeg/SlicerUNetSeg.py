@@ -20,6 +20,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from SlicerUNetSegLib import dependencies, panelText
+from SlicerUNetSegLib.learningPanel import LearningPanel
 from SlicerUNetSegLib.logic import SlicerUNetSegLogic  # noqa: F401  (Slicer looks it up here)
 from SlicerUNetSegLib.parameters import (  # noqa: F401
     INPUT_PARAMETERS,
@@ -125,11 +126,14 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         torchVersion, cudaVersion = dependencies.torchStatus()
         self.ui.deviceInfoLabel.setText(panelText.environmentText(torchVersion, cudaVersion, None))
+        self.learningPanel = LearningPanel(self)  # "Learn from corrections", a section of its own
 
     # ---- parameter node ---------------------------------------------------------------------------
     def cleanup(self) -> None:
         self.removeObservers()
         self.timer.stop()
+        if getattr(self, "learningPanel", None):
+            self.learningPanel.cleanup()
         if self.logic:
             self.logic.shutdown()
 
@@ -389,6 +393,7 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onShow3D(self.ui.show3DButton.isChecked())
             self.review.segmentation = None  # the same node may hold a new result: show it afresh
             self.updateReview(self._parameterNode or self.logic.getParameterNode())
+            self.learningPanel.refresh()  # the new segments, for marking as reviewed
         elif job.state == "cancelled":
             self.ui.stageLabel.setText("cancelled")
             self.log("Cancelled; the scene was left unchanged.")

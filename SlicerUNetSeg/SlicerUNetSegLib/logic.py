@@ -29,6 +29,7 @@ from unetseg_engine.errors import CancelledError, UNetSegError
 from unetseg_engine.runtimes import RUNTIME_CHOICES as RUNTIMES
 
 from .geometry import checkVolume, writeVolumeForWorker
+from .learning import FINETUNE_CANCEL_GRACE_S, LearningLogicMixin
 from .parameters import SlicerUNetSegParameterNode
 from .review import ReviewLogicMixin, removeNodeAndItsParts
 from .segmentationBuilder import fillSegmentation, placeLikeVolume
@@ -63,13 +64,19 @@ class SegmentationJob:
         return self.state in ("done", "failed", "cancelled")
 
 
-class SlicerUNetSegLogic(ReviewLogicMixin, ScriptedLoadableModuleLogic):
+class SlicerUNetSegLogic(ReviewLogicMixin, LearningLogicMixin, ScriptedLoadableModuleLogic):
     """Runs models on volume nodes; usable from scripts. ``runner`` defaults to a ``WorkerRunner``.
-    Reviewing a result (review table, uncertainty overlay, change report) is in ``ReviewLogicMixin``."""
+    Reviewing a result (review table, uncertainty overlay, change report) is in ``ReviewLogicMixin``;
+    learning from corrections (``learning.py``) in ``LearningLogicMixin``, with a ``finetuneRunner``
+    of its own."""
 
-    def __init__(self, runner: InferenceRunner | None = None) -> None:
+    def __init__(self, runner: InferenceRunner | None = None,
+                 finetuneRunner: InferenceRunner | None = None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.runner: InferenceRunner = runner or WorkerRunner()
+        self.finetuneRunner: InferenceRunner = finetuneRunner or \
+            WorkerRunner(cancelGraceS=FINETUNE_CANCEL_GRACE_S)
+        self.finetuneJob = None
         self.job: SegmentationJob | None = None
         self.environment: dict[str, Any] | None = None
         self.onEnvironment: Callable[[dict[str, Any]], None] | None = None
@@ -309,9 +316,11 @@ class SlicerUNetSegLogic(ReviewLogicMixin, ScriptedLoadableModuleLogic):
         return job.segmentationNode
 
     def shutdown(self) -> None:
-        """Stop the worker process (called when the module is cleaned up)."""
+        """Stop the worker processes (called when the module is cleaned up)."""
         self.cancel()
         self.runner.shutdown()
+        self.cancelFinetune()
+        self.finetuneRunner.shutdown()
 
 
 def nnunetFolder(path: str) -> str | None:

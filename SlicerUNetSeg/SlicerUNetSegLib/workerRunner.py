@@ -41,7 +41,8 @@ class InferenceRunner(Protocol):
     """What the logic needs from whatever runs the engine."""
 
     def start(self, request: dict[str, Any]) -> None:
-        """Send one segment request (see ``unetseg_engine.worker``); returns at once."""
+        """Send one request (``segment`` unless it names its ``cmd``; see ``unetseg_engine.worker``);
+        returns at once."""
 
     def requestInfo(self) -> None:
         """Ask for a ``hello`` event (Python, PyTorch, CUDA versions, GPU)."""
@@ -220,7 +221,7 @@ class WorkerRunner:
         self._ensureProcess()
         self.activeId = str(request["id"])
         self.cancelDeadline = None
-        self._send(dict(request, cmd="segment"))
+        self._send({"cmd": "segment", **request})  # a request may name another command (finetune)
 
     def requestInfo(self) -> None:
         self._ensureProcess()

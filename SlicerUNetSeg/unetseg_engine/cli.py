@@ -1,6 +1,7 @@
-"""The ``unetseg`` command line: models, segment, batch, import-model, ensemble, train, evaluate and more.
+"""The ``unetseg`` command line: models, segment, batch, import-model, ensemble, train, finetune,
+versions, evaluate and more.
 
-The others: benchmark, model-stats.
+The others: benchmark, model-stats, quantize.
 
 Errors the user can fix print one line (``unetseg: error: ...``) and exit with status 2; nothing is
 written in that case.
@@ -32,6 +33,13 @@ def _window(text: str | None):
     return level, width
 
 
+def _base_version(model_id: str) -> str | None:
+    from .modelpkg import base_package
+
+    base = base_package(model_id)
+    return base.meta["version"] if base else None
+
+
 def cmd_models(args) -> int:
     from .modelpkg import scan_models
 
@@ -39,7 +47,10 @@ def cmd_models(args) -> int:
     for path, reason in skipped:  # on stderr, so that --json output stays parseable
         print(f"unetseg: skipped '{path}': {reason}", file=sys.stderr)
     if args.json:
-        print(json.dumps([m.summary() for m in models], indent=2))
+        from .modelversions import list_versions
+
+        print(json.dumps([dict(m.summary(), versions=list_versions(m.id, _base_version(m.id)))
+                          for m in models], indent=2))
         return 0
     if not models:
         print("No models found. Search path: see 'unetseg models --help'.")
@@ -53,9 +64,61 @@ def cmd_models(args) -> int:
         if s["networks"] > 1:
             print(f"    ensemble of {s['networks']} networks (probabilities averaged; slower)")
         print(f"    labels: {', '.join(s['labels'])}")
+        line = _versions_line(m.id, _base_version(m.id))
+        if line:
+            print(f"    {line}  (unetseg versions {m.id})")
         if s["performance"]:
             print(f"    measured: {s['performance']}")
     return 0
+
+
+def _versions_line(model_id: str, base_version: str | None) -> str | None:
+    """'versions: 1.2.0 (base), 1.2.1 (fine-tuned, active)' when the model has fine-tuned versions."""
+    from .modelversions import list_versions
+
+    versions = list_versions(model_id, base_version)
+    if len(versions) < 2:
+        return None
+    return "versions: " + ", ".join(f"{v['version']} ({v['kind']}{', active' if v['active'] else ''})"
+                                    for v in versions)
+
+
+def cmd_versions(args) -> int:
+    from .modelpkg import base_package, get_model
+    from .modelversions import list_versions, restore_version
+
+    current = get_model(args.model)  # refuses an unknown id, naming the known ones
+    base = base_package(current.id)
+    base_version = base.meta["version"] if base else None
+    if args.restore is not None:
+        now = restore_version(current.id, args.restore or None, base_version)
+        print(f"'{current.id}' is now at version {now} (was {current.meta['version']}).")
+        return 0
+    versions = list_versions(current.id, base_version)
+    if args.json:
+        print(json.dumps(versions, indent=2))
+        return 0
+    for v in versions:
+        figures = f"  mean Dice {v['old_mean_dice']:.3f} -> {v['new_mean_dice']:.3f} on " \
+                  f"{len(v.get('held_out_cases', []))} held-out case(s) ({v.get('held_out')})" \
+            if v["kind"] == "fine-tuned" else ""
+        origin = f"  from {v['parent']}, {v.get('installed', '')}" if v["kind"] == "fine-tuned" else ""
+        print(f"{'*' if v['active'] else ' '} {v['version']}  {v['kind']}{origin}{figures}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .finetune import FinetuneSettings, finetune, print_gate
+
+    settings = FinetuneSettings(**{k: v for k, v in vars(args).items() if v is not None and k in
+                                   FinetuneSettings.__annotations__})
+    if isinstance(settings.patch_size, str):
+        settings.patch_size = _axes("patch_size", settings.patch_size)
+    result = finetune(args.model, args.dataset, args.output, settings,
+                      validation_dataset=args.validation_dataset)
+    print_gate(result.gate)
+    print(f"Figures and the candidate package: {Path(args.output) / 'finetune.json'}")
+    return 0 if result.accepted else 1
 
 
 def cmd_import(args) -> int:
@@ -325,6 +388,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", dest="init_from",
                    help="start from an existing model package (id or folder): its plan and weights")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on corrected cases; install it as a new "
+                                         "version only if it is not worse on held-out cases")
+    p.add_argument("dataset", help="nnU-Net dataset of corrected cases (partial_labels: reviewed organs)")
+    p.add_argument("--model", help="model id or package folder (default: the default model)")
+    p.add_argument("-o", "--output", required=True, help="new run folder (training, evaluations, "
+                                                          "candidate package, finetune.json)")
+    p.add_argument("--validation-dataset", dest="validation_dataset",
+                   help="dataset holding the model's own validation cases, used when yours has too few "
+                        "held-out cases (fewer than 2)")
+    p.add_argument("--iterations", type=int, help="training iterations (default 200)")
+    p.add_argument("--learning-rate", dest="learning_rate", type=float, help="default 1e-4")
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--patch-size", dest="patch_size", help="x,y,z training patch (default: the model's)")
+    p.add_argument("--mean-tolerance", dest="mean_tolerance", type=float,
+                   help="mean Dice may fall by at most this much (default 0.01)")
+    p.add_argument("--organ-tolerance", dest="organ_tolerance", type=float,
+                   help="no organ's mean Dice may fall by more than this (default 0.05)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-threads", dest="num_threads", type=int)
+    p.add_argument("--time-limit-min", dest="time_limit_min", type=float)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("versions", help="list a model's versions; --restore goes back to an earlier one")
+    p.add_argument("model", help="model id")
+    p.add_argument("--restore", nargs="?", const="", metavar="VERSION",
+                   help="make VERSION active (default: the version the active one was fine-tuned from)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_versions)
 
     p = sub.add_parser("evaluate", help="Dice/IoU/HD95/volume per case and label, CSV/JSON/PNGs")
     p.add_argument("--model", help="model to run over a dataset (id or folder)")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import UNetSegError
+from .errors import CancelledError, UNetSegError
 from .imageio import grid_differences
 from .metrics import label_metrics
 
@@ -154,8 +155,13 @@ def overlay_png(path: Path, image: sitk.Image, pred: sitk.Image, ref: sitk.Image
 
 
 def evaluate_model(model: str | None, dataset_dir: str, cases_sel: str, out: Path, device: str = "auto",
-                   tta: bool = False, worst: int = 3) -> dict[str, Any]:
-    """Run a model over dataset cases and compare with their reference labels."""
+                   tta: bool = False, worst: int = 3, runtime: str = "auto",
+                   progress: Callable[[float], None] | None = None,
+                   cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Run a model over dataset cases and compare with their reference labels.
+
+    ``progress(fraction of the cases done)``; ``cancel()`` returning True stops between and inside
+    cases with CancelledError, before any report is written."""
     from .imageio import read_image
     from .inference import Predictor
     from .modelpkg import get_model
@@ -172,13 +178,17 @@ def evaluate_model(model: str | None, dataset_dir: str, cases_sel: str, out: Pat
     labels = {label["value"]: label["name"] for label in package.labels}
     ref_values = match_labels(labels, dataset.labels, f"model '{package.id}'",
                               f"the dataset {dataset.root}")
-    predictor = Predictor(device=device, tta=tta)
+    predictor = Predictor(device=device, tta=tta, runtime=runtime)
     predictor.load(package)
     results, kept = [], []
-    for case in chosen:
+    for index, case in enumerate(chosen):
+        if cancel is not None and cancel():
+            raise CancelledError("Evaluation was cancelled.")
         images = [read_image(p) for p in case.images]
         ref = sitk.ReadImage(str(case.label))
-        result = predictor.predict(images)
+        result = predictor.predict(images, cancel=cancel)
+        if progress is not None:
+            progress((index + 1) / len(chosen))
         metrics = compare_label_maps(result.label_map, ref, labels, ref_values, f"Case '{case.name}': ")
         for name in labels.values():  # a partially contoured case: judge only what was drawn
             if case.labelled is not None and ref_values[name] not in case.labelled:

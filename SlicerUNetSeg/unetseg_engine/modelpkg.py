@@ -246,9 +246,12 @@ def load_package(path: str | os.PathLike) -> ModelPackage:
     return ModelPackage(path, meta)
 
 
-def scan_models() -> tuple[list[ModelPackage], list[tuple[Path, str]]]:
+def scan_models(versions: bool = True) -> tuple[list[ModelPackage], list[tuple[Path, str]]]:
     """Every valid package on the search path (the first of each id wins), and the folders skipped
-    with the reason: an invalid package, or a user-folder package claiming a shipped model's id."""
+    with the reason: an invalid package, or a user-folder package claiming a shipped model's id.
+
+    ``versions``: a model with an active fine-tuned version (``modelversions``) is listed as that
+    version; False lists the base packages themselves."""
     found: dict[str, ModelPackage] = {}
     skipped: list[tuple[Path, str]] = []
     reserved = shipped_model_ids()
@@ -256,7 +259,8 @@ def scan_models() -> tuple[list[ModelPackage], list[tuple[Path, str]]]:
         if not folder.is_dir():
             continue
         for child in sorted(folder.iterdir()):
-            if not (child / METADATA_FILE).is_file():
+            # hidden folders are staging areas of installs in progress (or interrupted): never a model
+            if child.name.startswith(".") or not (child / METADATA_FILE).is_file():
                 continue
             try:
                 package = load_package(child)
@@ -267,8 +271,24 @@ def scan_models() -> tuple[list[ModelPackage], list[tuple[Path, str]]]:
                 skipped.append((child, f"its id '{package.id}' belongs to a shipped model"))
                 continue
             found.setdefault(package.id, package)
+    if versions:
+        from .modelversions import active_package
+
+        for model_id in list(found):
+            try:
+                version = active_package(model_id)
+            except UNetSegError as error:  # the base stays in use, and the listing says why
+                skipped.append((found[model_id].path, f"its active fine-tuned version is unusable: {error}"))
+                continue
+            if version is not None:
+                found[model_id] = version
     models = sorted(found.values(), key=lambda p: (p.id != DEFAULT_MODEL_ID, p.id))
     return models, skipped
+
+
+def base_package(model_id: str) -> ModelPackage | None:
+    """The package of ``model_id`` on the search path, whatever fine-tuned version is active."""
+    return next((p for p in scan_models(versions=False)[0] if p.id == model_id), None)
 
 
 def list_models() -> list[ModelPackage]:

@@ -18,6 +18,11 @@ Requests
   "direction": 9 numbers, row-major, columns = i, j, k axes in LPS}], "output_dir": folder}``.
   The voxels are read from the file in (k, j, i) order; the geometry given in the request is
   authoritative (the Slicer side owns IJK-to-RAS and converts it to LPS).
+  ``{"cmd": "finetune", "id": str, "model": id or folder, "dataset": folder, "output": new run folder,
+  "validation_dataset": folder or null, "settings": {FinetuneSettings fields}}``: ``unetseg finetune``
+  (train, evaluate both, install only if not worse); ``done`` carries ``"result"``
+  (``FinetuneResult.to_json()``: accepted, gate figures, versions, paths). Cancel stops it between
+  training iterations and evaluation windows; nothing is installed after a cancel.
   ``{"cmd": "cancel", "id": str}``: handled at once by the reader thread; the run checks it between
   its stages (reading, finding the model, loading it, preprocessing, resampling back) and between
   sliding windows, so it stops within about one window's or one stage's time.
@@ -100,6 +105,8 @@ class Worker:
                 self.emit(event="hello", **environment_info())
             elif cmd == "segment":
                 self.segment(request)
+            elif cmd == "finetune":
+                self.run_job(request, self._finetune)
             else:
                 self.emit(event="error", id=request.get("id"), kind="internal",
                           message=f"Unknown command {cmd!r}")
@@ -120,17 +127,21 @@ class Worker:
         return p
 
     def segment(self, request: dict[str, Any]) -> None:
+        self.run_job(request, self._segment)
+
+    def run_job(self, request: dict[str, Any], run) -> None:
+        """``run(job, request)`` -> the done event's fields; every failure becomes an error event."""
         job = str(request.get("id"))
         try:
-            result = self._segment(job, request)
+            result = run(job, request)
         except CancelledError as error:
             self.emit(event="error", id=job, kind="cancelled", message=str(error))
         except UNetSegError as error:
             self.emit(event="error", id=job, kind="user", message=str(error))
         except MemoryError:
             self.emit(event="error", id=job, kind="user",
-                      message="Out of memory during segmentation. Close other programs, crop the "
-                              "volume to the region of interest, or use a machine with more memory.")
+                      message="Out of memory. Close other programs, crop the volume to the region "
+                              "of interest, or use a machine with more memory.")
         except Exception as error:  # a bug: report it with its traceback instead of dying silently
             traceback.print_exc(file=sys.stderr)
             self.emit(event="error", id=job, kind="internal",
@@ -139,6 +150,30 @@ class Worker:
             self.emit(event="done", id=job, **result)
         finally:
             self.cancelled.discard(job)
+
+    def _progress(self, job: str):
+        """A progress callback that sends an event per stage and per 1 % (at most 10 a second)."""
+        last = {"stage": None, "fraction": -1.0, "time": 0.0}
+
+        def progress(stage: str, fraction: float) -> None:
+            now = time.monotonic()
+            if stage != last["stage"] or fraction >= 1.0 or (
+                    fraction - last["fraction"] >= 0.01 and now - last["time"] > 0.1):
+                last.update(stage=stage, fraction=fraction, time=now)
+                self.emit(event="progress", id=job, stage=stage, fraction=round(float(fraction), 4))
+
+        return progress
+
+    def _finetune(self, job: str, request: dict[str, Any]) -> dict[str, Any]:
+        from .finetune import FinetuneSettings, _finite, finetune
+
+        settings = FinetuneSettings(**(request.get("settings") or {}))
+        result = finetune(request.get("model"), request["dataset"], request["output"], settings,
+                          validation_dataset=request.get("validation_dataset"),
+                          progress=self._progress(job),
+                          cancel=lambda: job in self.cancelled or "*" in self.cancelled,
+                          log=lambda text: print(text, file=sys.stderr, flush=True))
+        return {"result": _finite(result.to_json()), "summary": result.summary()}
 
     def _segment(self, job: str, request: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -154,14 +189,7 @@ class Worker:
             if is_cancelled():
                 raise CancelledError()
 
-        last = {"stage": None, "fraction": -1.0, "time": 0.0}
-
-        def progress(stage: str, fraction: float) -> None:
-            now = time.monotonic()
-            if stage != last["stage"] or fraction >= 1.0 or (
-                    fraction - last["fraction"] >= 0.01 and now - last["time"] > 0.1):
-                last.update(stage=stage, fraction=fraction, time=now)
-                self.emit(event="progress", id=job, stage=stage, fraction=round(float(fraction), 4))
+        progress = self._progress(job)
 
         timings: dict[str, float] = {}
         t = time.perf_counter()

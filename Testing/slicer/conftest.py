@@ -30,7 +30,7 @@ MISSING = harness.missingReason()
 if not MISSING:
     harness.install()
 NEEDS_SLICER_CODE = ("test_slicer_logic.py", "test_slicer_widget.py", "test_slicer_review.py",
-                     "test_slicer_review_widget.py")
+                     "test_slicer_review_widget.py", "test_slicer_learning.py")
 
 
 def pytest_collection_modifyitems(config, items):

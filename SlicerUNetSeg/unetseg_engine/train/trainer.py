@@ -17,13 +17,14 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import UNetSegError
+from ..errors import CancelledError, UNetSegError
 from ..modelpkg import write_package
 from .dataset import Case, fingerprint, load_dataset, prepare_case
 from .losses import MarginalDiceCELoss
@@ -87,6 +88,9 @@ class TrainConfig:
     # voxel of it; or, one time in n_classes, anywhere in a random case): rare organs that only some
     # cases contoured are seen as often as common ones
     sampling: str = "classes"
+    # the cases to train and validate on, by name ({"train": [...], "validation": [...]}), instead of
+    # the dataset's split; ``unetseg finetune`` sets it (validation may be empty: it evaluates itself)
+    cases: dict[str, list[str]] | None = None
 
 
 def cpu_has_bf16() -> bool:
@@ -217,13 +221,28 @@ def dice_per_label(pred: np.ndarray, ref: np.ndarray, values: list[int]) -> list
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    """``progress(fraction)`` is called after every iteration; ``cancel()`` returning True stops the
+    run between iterations with CancelledError (nothing is exported)."""
+
+    def __init__(self, cfg: TrainConfig, progress: Callable[[float], None] | None = None,
+                 cancel: Callable[[], bool] | None = None):
         self.cfg = cfg
+        self.progress_callback = progress
+        self.cancel_callback = cancel
         self.dataset = load_dataset(cfg.dataset)
-        # The split never follows --seed: models trained with other seeds (to ensemble them) or on
-        # other folds must agree on which cases each one has not seen.
-        self.train_cases, self.val_cases = self.dataset.split(cfg.val_fraction, fold=cfg.fold,
-                                                              n_folds=cfg.n_folds)
+        if cfg.cases is not None:
+            by_name = {c.name: c for c in self.dataset.cases}
+            unknown = sorted(set(cfg.cases["train"] + cfg.cases["validation"]) - set(by_name))
+            if unknown or not cfg.cases["train"]:
+                raise UNetSegError(f"The cases to train on must be cases of {self.dataset.root} "
+                                   f"(unknown: {', '.join(unknown) or 'none'}), at least one.")
+            self.train_cases = [by_name[n] for n in cfg.cases["train"]]
+            self.val_cases = [by_name[n] for n in cfg.cases["validation"]]
+        else:
+            # The split never follows --seed: models trained with other seeds (to ensemble them) or
+            # on other folds must agree on which cases each one has not seen.
+            self.train_cases, self.val_cases = self.dataset.split(cfg.val_fraction, fold=cfg.fold,
+                                                                  n_folds=cfg.n_folds)
         self.label_values = sorted(self.dataset.labels.values())
         self.label_names = {v: k for k, v in self.dataset.labels.items()}
         # validation cases by dataset, each reported on its own (the first is the main dataset)
@@ -314,6 +333,10 @@ class Trainer:
     def log(message: str) -> None:
         print(message, flush=True)
 
+    def check_cancelled(self) -> None:
+        if self.cancel_callback is not None and self.cancel_callback():
+            raise CancelledError("Training was cancelled; nothing was exported.")
+
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> Path:
         import torch
@@ -351,7 +374,9 @@ class Trainer:
                  f"{self.plan_['preprocessing']['normalization']}, device {self.device}, "
                  f"precision {self.precision}")
         t0 = time.time()
+        self.check_cancelled()
         train_data = self.load_cases(self.train_cases)
+        self.check_cancelled()
         val_data = self.load_cases(self.val_cases)
         n_partial = sum(c.is_partial(self.label_values) for c in self.train_cases)
         self.log(f"Prepared {len(train_data)} training cases ({n_partial} partially contoured) and "
@@ -455,7 +480,10 @@ class Trainer:
 
         def validate(it: int) -> list[float]:
             """Dice per label on the validation cases, of the weights that would be exported now:
-            per dataset, each organ over the cases that contoured it. Returns the main dataset's."""
+            per dataset, each organ over the cases that contoured it. Returns the main dataset's
+            (empty when there are no validation cases)."""
+            if not val_data:
+                return []
             model = network if averaged is None else volume_network(averaged.module,
                                                                      net_spec["spatial_dims"])
             model.eval()
@@ -525,6 +553,9 @@ class Trainer:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if self.progress_callback is not None:
+                self.progress_callback(progress(it + 1) if budget_s else (it + 1) / cfg.iterations)
+            self.check_cancelled()
             if cfg.swa_start is not None and (it + 1) % cfg.swa_every == 0 and \
                     it + 1 > warmup and progress(it + 1) >= cfg.swa_start:
                 if averaged is None:

@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(p)
     p.set_defaults(func=cmd_batch)
 
+    from .server.command import add_serve_parser
+
+    add_serve_parser(sub)
+
     p = sub.add_parser("import-model", help="validate a model package (folder or .zip) and install it")
     p.add_argument("package")
     p.add_argument("--overwrite", action="store_true", help="replace an installed model of the same id")

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from helpers import REPO, make_package, openkbp, tiny_meta, write_ct_series
+from helpers import ServerProcess as Server
+from helpers import make_package, openkbp, tiny_meta, write_ct_series
 from unetseg_engine.errors import CancelledError
 from unetseg_engine.pipeline import segment_files
 from unetseg_engine.server.client import ServerClient, ServerError
@@ -29,42 +30,8 @@ from unetseg_engine.server.client import ServerClient, ServerError
 pytest.importorskip("fastapi", reason="the server needs fastapi and uvicorn (pip install '.[server]')")
 
 TOKEN = "test-token-" + "k" * 32
-MAX_UPLOAD_MB = 3.0
+MAX_UPLOAD_MB = 3.0  # ServerProcess's limit
 N_CLIENTS, SCANS_PER_CLIENT = 8, 4
-
-
-class Server:
-    """``unetseg serve`` in a subprocess; its stderr is collected (the token must never appear)."""
-
-    def __init__(self, state: Path, token_file: Path, models: list[Path], port: int = 0) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO / "SlicerUNetSeg"), OMP_NUM_THREADS="2",
-                   PYTHONUNBUFFERED="1")
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "unetseg_engine.cli", "serve", "--models", *map(str, models),
-             "--port", str(port), "--token-file", str(token_file), "--state-dir", str(state),
-             "--runtime", "torch", "--max-upload-mb", str(MAX_UPLOAD_MB), "--device", "cpu"],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-        self.log: list[str] = []
-        deadline = time.monotonic() + 120
-        for line in self.popen.stderr:
-            self.log.append(line)
-            if "listening on" in line:
-                self.url = line.split("listening on ")[1].split()[0]
-                break
-            assert time.monotonic() < deadline, "".join(self.log)
-        else:
-            raise AssertionError("the server did not start:\n" + "".join(self.log))
-        threading.Thread(target=lambda: self.log.extend(self.popen.stderr), daemon=True).start()
-        self.port = int(self.url.rsplit(":", 1)[1])
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
 
 
 def leftovers(state: Path) -> list[str]:

@@ -85,8 +85,14 @@ def create_app(store: JobStore, token: str, max_upload_bytes: int, on_ready=None
 
     @app.get("/models", dependencies=auth)
     def models() -> dict:
+        """Summaries, and each model's metadata (labels, colours, terminology: what a client needs to
+        name the segments), the upload limit, the output types, and the server's PyTorch and GPU."""
+        from ..worker import environment_info
+
         return {"models": [package.summary() for package in store.models.values()],
-                "max_upload_bytes": max_upload_bytes, "outputs": list(OUTPUTS)}
+                "metadata": {model_id: package.meta for model_id, package in store.models.items()},
+                "max_upload_bytes": max_upload_bytes, "outputs": list(OUTPUTS),
+                "environment": dict(environment_info(), workers=store.n_workers)}
 
     @app.post("/jobs", status_code=201, dependencies=auth)
     async def submit(request: Request, model: str, filename: str, output: str = "seg.nrrd") -> dict:

@@ -29,7 +29,7 @@ class ServerRunner:
 
     def __init__(self, url: str, token: str, pollS: float = 0.2) -> None:
         self.client = ServerClient(url, token)
-        self.url, self.pollS = self.client.url, pollS
+        self.url, self.token, self.pollS = self.client.url, token, pollS
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.activeId: str | None = None
         self.cancelRequested = threading.Event()

@@ -10,27 +10,14 @@ import numpy as np
 import pytest
 from test_slicer_logic import exportLabels, sceneState, segmentNames
 
-from helpers import ServerProcess
+import harness
 from SlicerUNetSegLib.geometry import loadVolumeFile
 from SlicerUNetSegLib.testing import TINY_MODEL_ID
 from unetseg_engine.errors import UNetSegError
 
 pytest.importorskip("fastapi", reason="the server needs fastapi and uvicorn")
+TOKEN = harness.SERVER_TOKEN
 pytestmark = pytest.mark.slicer
-
-TOKEN = "slicer-test-token-" + "s" * 30
-
-
-@pytest.fixture(scope="module")
-def server(modelsDir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("slicer-server")
-    token = folder / "token.txt"
-    token.write_text(TOKEN)
-    token.chmod(0o600)
-    running = ServerProcess(folder / "state", token, [modelsDir / TINY_MODEL_ID])
-    yield running
-    running.stop()
-    assert TOKEN not in "".join(running.log)
 
 
 @pytest.fixture

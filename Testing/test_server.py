@@ -282,8 +282,10 @@ def test_a_server_killed_mid_job_is_reported_and_its_jobs_resume_on_restart(
         for job_id, scan, model in [(running, scans[5], slow), *zip(queued, scans[6:8], [fast] * 2)]:
             try:
                 done = client.wait(job_id, timeout_s=120)
-            except ServerError:
-                raise AssertionError("".join(second.log)) from None
+            except ServerError as error:
+                time.sleep(1)
+                raise AssertionError(f"{error}; server exit status {second.popen.poll()}; its log:\n"
+                                     + "".join(second.log)) from None
             assert done["attempts"] == (2 if job_id == running else 1)
             got = client.download(job_id, tmp_path / f"{job_id}.seg.nrrd")
             assert_same_result(got, local_result(scan, model, tmp_path / f"local-{job_id}.seg.nrrd"))
@@ -309,3 +311,23 @@ def test_the_server_refuses_to_start_without_a_token(tmp_path, models, capsys):
     short.write_text("abc")
     assert main(["serve", "--token-file", str(short), "--state-dir", str(tmp_path / "s")]) == 2
     assert "too short" in capsys.readouterr().err
+
+
+def test_unetseg_submit_writes_the_local_result_and_a_dicom_seg_of_a_series(server, models, scans,
+                                                                            token_file, tmp_path):
+    import pydicom
+
+    from unetseg_engine.cli import main
+
+    fast = models[0]
+    out = tmp_path / "submitted.seg.nrrd"
+    common = ["--server", server.url, "--token-file", str(token_file), "--model", fast.id, "-q"]
+    assert main(["submit", str(scans[9]), "-o", str(out), *common]) == 0
+    assert_same_result(out, local_result(scans[9], fast, tmp_path / "local.seg.nrrd"))
+    series = scans[0]  # a DICOM series folder, zipped by the client
+    assert main(["submit", str(series), "-o", str(tmp_path / "result.dcm"), *common]) == 0
+    seg = pydicom.dcmread(tmp_path / "result.dcm")
+    source = pydicom.dcmread(sorted(series.iterdir())[0], stop_before_pixels=True)
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == fast.label_names

@@ -1,4 +1,5 @@
-"""The ``unetseg`` command line: models, segment, batch, import-model, ensemble, train, evaluate, benchmark.
+"""The ``unetseg`` command line: models, segment, batch, serve, submit, import-model, ensemble, train,
+evaluate, benchmark.
 
 Errors the user can fix print one line (``unetseg: error: ...``) and exit with status 2; nothing is
 written in that case.
@@ -186,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(p)
     p.set_defaults(func=cmd_batch)
 
-    from .server.command import add_serve_parser
+    from .server.command import add_serve_parser, add_submit_parser
 
     add_serve_parser(sub)
+    add_submit_parser(sub)
 
     p = sub.add_parser("import-model", help="validate a model package (folder or .zip) and install it")
     p.add_argument("package")

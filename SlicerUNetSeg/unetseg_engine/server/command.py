@@ -114,3 +114,37 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--ssl-certfile", dest="ssl_certfile")
     p.add_argument("--ssl-keyfile", dest="ssl_keyfile")
     p.set_defaults(func=serve_cli)
+
+
+def submit_cli(args) -> int:
+    """``unetseg submit``: one scan through a server, with the same progress display as ``segment``."""
+    from ..pipeline import TerminalProgress, check_output, output_kind
+    from .client import ServerClient
+
+    kind = output_kind(args.output)
+    name = args.output.lower()
+    output = "dicom-seg" if kind == "dicom-seg" else "seg.nrrd" if kind == "seg.nrrd" else \
+        "nii.gz" if name.endswith(".nii.gz") else "nrrd" if name.endswith(".nrrd") else None
+    if output is None:
+        raise UNetSegError(f"A server writes .seg.nrrd, .dcm (DICOM SEG), .nii.gz or .nrrd, not "
+                           f"'{Path(args.output).name}'.")
+    out_path = check_output(args.output, kind, [args.input])
+    client = ServerClient(args.server, read_token(args.token_file))
+    model = args.model or client.models()["models"][0]["id"]
+    progress = TerminalProgress(quiet=args.quiet)
+    client.segment(args.input, out_path, model, output, progress=progress)
+    progress.finish()
+    if not args.quiet:
+        print(f"Wrote {out_path} (model '{model}', on {client.url})", file=sys.stderr)
+    return 0
+
+
+def add_submit_parser(sub) -> None:
+    p = sub.add_parser("submit", help="segment a scan on an 'unetseg serve' server")
+    p.add_argument("input", help="NIfTI/NRRD/MHA file, or a DICOM series folder (zipped on the way)")
+    p.add_argument("-o", "--output", required=True, help=".seg.nrrd, .dcm (DICOM SEG), .nii.gz or .nrrd")
+    p.add_argument("--server", required=True, help="the server's address, e.g. http://gpu-box:8765")
+    p.add_argument("--model", help="a model the server serves (default: its first)")
+    p.add_argument("--token-file", dest="token_file", help=f"file holding the token (else ${TOKEN_ENV})")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=submit_cli)

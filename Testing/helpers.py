@@ -179,7 +179,7 @@ class ServerProcess:
              "--runtime", "torch", "--max-upload-mb", str(max_upload_mb), "--device", "cpu"],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.log: list[str] = []
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a loaded CI machine: torch's import alone takes seconds
         for line in self.popen.stderr:
             self.log.append(line)
             if "listening on" in line:

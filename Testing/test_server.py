@@ -38,7 +38,7 @@ def leftovers(state: Path) -> list[str]:
     return sorted(str(p.relative_to(state)) for p in state.rglob("*") if p.is_file())
 
 
-def until(condition, timeout_s: float = 20.0, what: str = "condition"):
+def until(condition, timeout_s: float = 60.0, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = condition()
@@ -244,7 +244,7 @@ def test_progress_and_cancel_of_a_running_job(server, models, scans):
     job = client.submit(scans[3], slow.id)
     seen = []
     until(lambda: client.status(job["id"])["fraction"] > 0.05 and
-          client.status(job["id"])["stage"] == "inference", 60, "the slow job's inference to start")
+          client.status(job["id"])["stage"] == "inference", 180, "the slow job's inference to start")
     with pytest.raises(CancelledError):
         client.wait(job["id"], progress=lambda stage, fraction: seen.append((stage, fraction)),
                     cancel=lambda: True)
@@ -265,7 +265,7 @@ def test_a_server_killed_mid_job_is_reported_and_its_jobs_resume_on_restart(
     client = ServerClient(first.url, TOKEN)
     running = client.submit(scans[5], slow.id)["id"]
     queued = [client.submit(scan, fast.id)["id"] for scan in scans[6:8]]
-    until(lambda: client.status(running)["stage"] == "inference", 60, "the slow job to run")
+    until(lambda: client.status(running)["stage"] == "inference", 180, "the slow job to run")
     failure: list[BaseException] = []
     waiter = threading.Thread(target=lambda: _wait_into(client, running, failure))
     waiter.start()
@@ -281,7 +281,7 @@ def test_a_server_killed_mid_job_is_reported_and_its_jobs_resume_on_restart(
         client = ServerClient(second.url, TOKEN)
         for job_id, scan, model in [(running, scans[5], slow), *zip(queued, scans[6:8], [fast] * 2)]:
             try:
-                done = client.wait(job_id, timeout_s=120)
+                done = client.wait(job_id, timeout_s=300)
             except ServerError as error:
                 time.sleep(1)
                 raise AssertionError(f"{error}; server exit status {second.popen.poll()}; its log:\n"

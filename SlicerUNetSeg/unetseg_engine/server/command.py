@@ -73,6 +73,9 @@ def serve_cli(args) -> int:
     except OSError as error:
         raise UNetSegError(f"Cannot listen on {args.host}:{args.port} ({error.strerror}); choose another "
                            "--port.") from None
+    # listen now: uvicorn only listens after the lifespan start-up (loading the models), and a client
+    # told "listening" must not be refused meanwhile; its connection waits in the backlog instead
+    sock.listen(2048)
     port = sock.getsockname()[1]
     scheme = "https" if args.ssl_certfile else "http"
     if args.host not in ("127.0.0.1", "localhost", "::1") and scheme == "http":

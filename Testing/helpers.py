@@ -180,14 +180,18 @@ class ServerProcess:
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.log: list[str] = []
         deadline = time.monotonic() + 300  # a loaded CI machine: torch's import alone takes seconds
-        for line in self.popen.stderr:
-            self.log.append(line)
-            if "listening on" in line:
-                self.url = line.split("listening on ")[1].split()[0]
-                break
-            assert time.monotonic() < deadline, "".join(self.log)
-        else:
-            raise AssertionError("the server did not start:\n" + "".join(self.log))
+        try:
+            for line in self.popen.stderr:
+                self.log.append(line)
+                if "listening on" in line:
+                    self.url = line.split("listening on ")[1].split()[0]
+                    break
+                assert time.monotonic() < deadline, "".join(self.log)
+            else:
+                raise AssertionError("the server did not start:\n" + "".join(self.log))
+        except BaseException:
+            self.stop(9)  # never leave a server behind
+            raise
         threading.Thread(target=lambda: self.log.extend(self.popen.stderr), daemon=True).start()
         self.port = int(self.url.rsplit(":", 1)[1])
 

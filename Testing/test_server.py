@@ -262,18 +262,21 @@ def test_a_server_killed_mid_job_is_reported_and_its_jobs_resume_on_restart(
     fast, slow = models
     state = tmp_path / "state"
     first = Server(state, token_file, [fast.path, slow.path])
-    client = ServerClient(first.url, TOKEN)
-    running = client.submit(scans[5], slow.id)["id"]
-    queued = [client.submit(scan, fast.id)["id"] for scan in scans[6:8]]
-    until(lambda: client.status(running)["stage"] == "inference", 180, "the slow job to run")
-    failure: list[BaseException] = []
-    waiter = threading.Thread(target=lambda: _wait_into(client, running, failure))
-    waiter.start()
-    time.sleep(0.3)
-    first.stop(signal.SIGKILL)
-    waiter.join(timeout=30)
-    assert failure and isinstance(failure[0], ServerError), failure
-    assert "stopped answering" in str(failure[0]) and running in str(failure[0])
+    try:
+        client = ServerClient(first.url, TOKEN)
+        running = client.submit(scans[5], slow.id)["id"]
+        queued = [client.submit(scan, fast.id)["id"] for scan in scans[6:8]]
+        until(lambda: client.status(running)["stage"] == "inference", 180, "the slow job to run")
+        failure: list[BaseException] = []
+        waiter = threading.Thread(target=lambda: _wait_into(client, running, failure))
+        waiter.start()
+        time.sleep(0.3)
+        first.stop(signal.SIGKILL)
+        waiter.join(timeout=30)
+        assert failure and isinstance(failure[0], ServerError), failure
+        assert "stopped answering" in str(failure[0]) and running in str(failure[0])
+    finally:
+        first.stop(signal.SIGKILL)  # the crash under test (or the clean-up when something failed first)
 
     second = Server(state, token_file, [fast.path, slow.path], port=first.port)
     try:

@@ -108,10 +108,23 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceComboBox.addItem(text, value)
         for text, value in panelText.RUNTIME_CHOICES:
             self.ui.runtimeComboBox.addItem(text, value)
+        for text, value in panelText.RUN_ON_CHOICES:
+            self.ui.runOnComboBox.addItem(text, value)
+        # where to run, and the server's address and token: Slicer's settings, never the scene
+        self.settings = qt.QSettings()
+        self.ui.serverUrlLineEdit.setText(str(self.settings.value(panelText.SETTINGS_SERVER_URL, "") or ""))
+        self.ui.serverTokenLineEdit.setText(str(self.settings.value(panelText.SETTINGS_SERVER_TOKEN, "")
+                                                or ""))
+        runOn = [v for _, v in panelText.RUN_ON_CHOICES]
+        saved = self.settings.value(panelText.SETTINGS_RUN_ON, "local")
+        self.ui.runOnComboBox.setCurrentIndex(runOn.index(saved) if saved in runOn else 0)
 
         self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
         self.ui.deviceComboBox.currentIndexChanged.connect(self.onDeviceChanged)
         self.ui.runtimeComboBox.currentIndexChanged.connect(self.onRuntimeChanged)
+        self.ui.runOnComboBox.currentIndexChanged.connect(lambda *args: self.onRunOnChanged())
+        self.ui.serverUrlLineEdit.editingFinished.connect(lambda *args: self.onServerSettingsChanged())
+        self.ui.serverTokenLineEdit.editingFinished.connect(lambda *args: self.onServerSettingsChanged())
         self.ui.windowPresetComboBox.activated.connect(self.onWindowPreset)
         self.ui.importModelButton.clicked.connect(lambda *args: self.onImportModel())
         self.ui.applyDisplayWindowButton.clicked.connect(lambda *args: self.onApplyDisplayWindow())
@@ -127,6 +140,9 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         torchVersion, cudaVersion = dependencies.torchStatus()
         self.ui.deviceInfoLabel.setText(panelText.environmentText(torchVersion, cudaVersion, None))
         self.learningPanel = LearningPanel(self)  # "Learn from corrections", a section of its own
+        if self.runOn() == "server":  # connecting waits for the network: on Segment, not on start-up
+            self.ui.deviceInfoLabel.setText("Runs on the server below; it is contacted when you press "
+                                            "Segment or change its address or token.")
 
     # ---- parameter node ---------------------------------------------------------------------------
     def cleanup(self) -> None:
@@ -221,13 +237,21 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.setText("Cancel" if running else "Segment")
         self.ui.segmentButton.setToolTip("Stop the running segmentation" if running else
                                          "Segment the input volume(s) with the selected model")
-        for widget in (self.ui.modelComboBox, self.ui.importModelButton, self.ui.deviceComboBox,
-                       self.ui.runtimeComboBox):
+        onServer = self.runOn() == "server"
+        for widget in (self.ui.serverUrlLabel, self.ui.serverUrlLineEdit, self.ui.serverTokenLabel,
+                       self.ui.serverTokenLineEdit):
+            widget.setVisible(onServer)
+        for widget in (self.ui.modelComboBox, self.ui.runOnComboBox, self.ui.serverUrlLineEdit,
+                       self.ui.serverTokenLineEdit):
             widget.setEnabled(not running)
+        for widget in (self.ui.importModelButton, self.ui.deviceComboBox, self.ui.runtimeComboBox):
+            widget.setEnabled(not running and not onServer)  # the server chooses its device
 
     # ---- models, window, device -------------------------------------------------------------------
     def refreshModels(self, selectId: str | None = None) -> None:
-        self.models = self.logic.listModels()
+        """The models of this computer, or those the server serves."""
+        self.models = self.logic.runner.serverModels()["models"] if self.logic.onServer else \
+            self.logic.listModels()
         blocked = self.ui.modelComboBox.blockSignals(True)
         self.ui.modelComboBox.clear()
         for model in self.models:
@@ -319,6 +343,52 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.log(f"Imported model '{summary['title']}' ({summary['id']}) from {path}")
         self.refreshModels(selectId=summary["id"])
 
+    # ---- this computer or a server ------------------------------------------------------------------
+    def runOn(self) -> str:
+        return self.ui.runOnComboBox.itemData(prop(self.ui.runOnComboBox, "currentIndex")) or "local"
+
+    def onRunOnChanged(self) -> None:
+        self.settings.setValue(panelText.SETTINGS_RUN_ON, self.runOn())
+        self.connectRunner()
+
+    def onServerSettingsChanged(self) -> None:
+        for key, field in ((panelText.SETTINGS_SERVER_URL, self.ui.serverUrlLineEdit),
+                           (panelText.SETTINGS_SERVER_TOKEN, self.ui.serverTokenLineEdit)):
+            self.settings.setValue(key, prop(field, "text").strip())
+        if self.runOn() == "server":
+            self.connectRunner()
+
+    def connectRunner(self) -> bool:
+        """Point the logic at this computer or at the server in the fields; False (with the reason in
+        the device line and the log) when the server cannot be used."""
+        if self.logic.isRunning():
+            return False
+        if self.runOn() == "local":
+            if self.logic.onServer:
+                self.logic.useLocal()
+                self.ui.deviceInfoLabel.setText(panelText.environmentText(*dependencies.torchStatus(), None))
+            self.refreshModels(self._parameterNode.modelId if self._parameterNode else None)
+            return True
+        url = prop(self.ui.serverUrlLineEdit, "text").strip()
+        token = prop(self.ui.serverTokenLineEdit, "text").strip()
+        if not url or not token:
+            self.ui.deviceInfoLabel.setText("Enter the server's address and its token.")
+            self.updateGui()
+            return False
+        runner = self.logic.runner if self.logic.onServer else None
+        try:
+            if runner is None or runner.url != url.rstrip("/") or runner.token != token:
+                self.logic.useServer(url, token)
+            served = self.logic.runner.serverModels(refresh=True)
+        except UNetSegError as error:
+            self.ui.deviceInfoLabel.setText(f"Server not usable: {error}")
+            self.log(f"Server not usable: {error}")
+            self.updateGui()
+            return False
+        self.ui.deviceInfoLabel.setText(panelText.serverText(self.logic.runner.url, served["environment"]))
+        self.refreshModels(self._parameterNode.modelId if self._parameterNode else None)
+        return True
+
     # ---- segmenting -------------------------------------------------------------------------------
     def log(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)
@@ -330,8 +400,16 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.cancel()
             return
         node, model = self._parameterNode, self.currentModel()
+        if self.runOn() == "server":
+            if not self.connectRunner():
+                self.showError(prop(self.ui.deviceInfoLabel, "text"))
+                return
+            model = self.currentModel()
+            if model is None:
+                self.showError("Choose one of the models the server serves.")
+                return
         try:
-            if not dependencies.ensureDependencies(self.confirm, self.log):
+            if self.runOn() == "local" and not dependencies.ensureDependencies(self.confirm, self.log):
                 self.log("Segmentation needs the Python packages listed above; not installed.")
                 return
         except dependencies.DependencyError as error:
@@ -348,7 +426,7 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             replace = True
         window = [node.windowLevel, node.windowWidth] if node.overrideWindow else None
         try:
-            if self.logic.environment is None:
+            if self.logic.environment is None and not self.logic.onServer:
                 self.logic.requestEnvironment(self.onEnvironment)  # starts the worker
             self.logic.startSegmentation(
                 [getattr(node, name) for name in INPUT_PARAMETERS[:len(model["inputs"])]], output,
@@ -357,7 +435,8 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except UNetSegError as error:
             self.showError(str(error))
             return
-        self.log(f"Segmenting '{node.inputVolume.GetName()}' with '{model['title']}' on {node.device}"
+        where = f"the server {self.logic.runner.url}" if self.logic.onServer else node.device
+        self.log(f"Segmenting '{node.inputVolume.GetName()}' with '{model['title']}' on {where}"
                  + (f", window {window[0]:g}/{window[1]:g}" if window else ""))
         self.ui.progressBar.setValue(0)
         self.ui.stageLabel.setText("starting")

@@ -159,3 +159,50 @@ def refused(capsys, argv, *words):
     for word in words:
         assert word in err[0], err[0]
     return err[0]
+
+
+class ServerProcess:
+    """``unetseg serve`` in a subprocess on loopback (any free port, or ``port``); its stderr is
+    collected in ``log`` (the tests check that the token never appears there)."""
+
+    def __init__(self, state: Path, token_file: Path, models: list[Path], port: int = 0,
+                 max_upload_mb: float = 3.0) -> None:
+        import subprocess
+        import sys
+        import threading
+        import time
+
+        env = dict(os.environ, PYTHONPATH=str(REPO / "SlicerUNetSeg"), PYTHONUNBUFFERED="1")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "unetseg_engine.cli", "serve", "--models", *map(str, models),
+             "--port", str(port), "--token-file", str(token_file), "--state-dir", str(state),
+             "--runtime", "torch", "--max-upload-mb", str(max_upload_mb), "--device", "cpu"],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        self.log: list[str] = []
+        deadline = time.monotonic() + 300  # a loaded CI machine: torch's import alone takes seconds
+        try:
+            for line in self.popen.stderr:
+                self.log.append(line)
+                if "listening on" in line:
+                    self.url = line.split("listening on ")[1].split()[0]
+                    break
+                assert time.monotonic() < deadline, "".join(self.log)
+            else:
+                raise AssertionError("the server did not start:\n" + "".join(self.log))
+        except BaseException:
+            self.stop(9)  # never leave a server behind
+            raise
+        threading.Thread(target=lambda: self.log.extend(self.popen.stderr), daemon=True).start()
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def stop(self, sig: int = 15) -> None:
+        """SIGTERM (a graceful stop) by default; SIGKILL (9) to simulate a crash."""
+        import subprocess
+
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()

@@ -6,7 +6,9 @@ From the Python console or a script::
     segmentation = logic.process(volumeNode)                   # blocks; default model, auto device
     segmentation = logic.process([t1, flair], None, "my-mr-model", device="cpu", window=None)
 
-The panel uses the non-blocking pair ``startSegmentation`` (progress and completion callbacks) and
+``logic.useServer(url, token)`` sends the next runs to an ``unetseg serve`` server instead (same
+progress, cancel and result; ``useLocal()`` goes back). The panel uses the non-blocking pair
+``startSegmentation`` (progress and completion callbacks) and
 ``poll`` (called from a ``qt.QTimer``): inference runs in a separate worker process (see
 ``workerRunner``), and the scene is touched only on the main thread once the labels are back. Until
 then nothing in the scene changes, so a cancel or an error leaves the scene as it was.
@@ -33,6 +35,7 @@ from .learning import FINETUNE_CANCEL_GRACE_S, LearningLogicMixin
 from .parameters import SlicerUNetSegParameterNode
 from .review import ReviewLogicMixin, removeNodeAndItsParts
 from .segmentationBuilder import fillSegmentation, placeLikeVolume
+from .serverRunner import ServerRunner
 from .workerRunner import InferenceRunner, WorkerRunner
 
 ProgressCallback = Callable[[str, float], None]
@@ -80,6 +83,27 @@ class SlicerUNetSegLogic(ReviewLogicMixin, LearningLogicMixin, ScriptedLoadableM
         self.job: SegmentationJob | None = None
         self.environment: dict[str, Any] | None = None
         self.onEnvironment: Callable[[dict[str, Any]], None] | None = None
+
+    # ---- where it runs -------------------------------------------------------------------------------
+    def useServer(self, url: str, token: str) -> None:
+        """Run the next segmentations on ``unetseg serve`` at ``url`` (the local worker is stopped)."""
+        if self.isRunning():
+            raise UNetSegError("A segmentation is running; wait for it or cancel it first.")
+        runner = ServerRunner(url, token)
+        self.runner.shutdown()
+        self.runner, self.environment = runner, None
+
+    def useLocal(self) -> None:
+        """Run the next segmentations in a worker process on this computer (the default)."""
+        if self.isRunning():
+            raise UNetSegError("A segmentation is running; wait for it or cancel it first.")
+        if isinstance(self.runner, ServerRunner):
+            self.runner.shutdown()
+            self.runner, self.environment = WorkerRunner(), None
+
+    @property
+    def onServer(self) -> bool:
+        return isinstance(self.runner, ServerRunner)
 
     def getParameterNode(self):
         return SlicerUNetSegParameterNode(super().getParameterNode())
@@ -161,7 +185,8 @@ class SlicerUNetSegLogic(ReviewLogicMixin, LearningLogicMixin, ScriptedLoadableM
             raise UNetSegError("A segmentation is already running; cancel it or wait for it to finish.")
         if not isinstance(inputVolumes, (list, tuple)):
             inputVolumes = [inputVolumes]
-        model = self.getModel(modelId)
+        # on a server, the model is the one it serves (its labels come from there)
+        model = self.runner.model(modelId) if self.onServer else self.getModel(modelId)
         channels = [item["name"] for item in model.meta["inputs"]]
         if len(inputVolumes) != len(channels):
             raise UNetSegError(f"Model '{model.meta['title']}' needs {len(channels)} input volume(s) "
@@ -190,7 +215,8 @@ class SlicerUNetSegLogic(ReviewLogicMixin, LearningLogicMixin, ScriptedLoadableM
                       for index, volume in enumerate(inputVolumes)]
             job.timings["write_input_s"] = time.perf_counter() - t
             self.runner.start({
-                "id": job.id, "model": str(model.path), "device": device, "runtime": runtime,
+                "id": job.id, "model": str(model.path), "model_id": model.id, "device": device,
+                "runtime": runtime,
                 "window": job.window,
                 "overlap": overlap, "tta": tta, "postprocess": postprocess, "inputs": inputs,
                 "uncertainty": bool(uncertainty),

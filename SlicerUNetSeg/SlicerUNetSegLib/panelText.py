@@ -10,6 +10,10 @@ from typing import Any
 WINDOW_PRESETS = [("Soft tissue", 40.0, 400.0), ("Lung", -600.0, 1500.0), ("Bone", 400.0, 1800.0),
                   ("Brain", 40.0, 80.0)]
 DEVICE_CHOICES = [("Auto (GPU if available)", "auto"), ("GPU (CUDA)", "cuda"), ("CPU", "cpu")]
+RUN_ON_CHOICES = [("This computer", "local"), ("A server", "server")]
+# Slicer's settings (qt.QSettings), not the parameter node: a token must never be saved with a scene
+SETTINGS_RUN_ON, SETTINGS_SERVER_URL, SETTINGS_SERVER_TOKEN = (
+    "SlicerUNetSeg/RunOn", "SlicerUNetSeg/ServerURL", "SlicerUNetSeg/ServerToken")
 RUNTIME_CHOICES = [("Auto (fastest installed)", "auto"), ("PyTorch", "torch"), ("OpenVINO", "openvino"),
                    ("ONNX Runtime", "onnxruntime"),
                    ("OpenVINO int8 (models that have it)", "openvino-int8")]
@@ -81,9 +85,19 @@ def environmentText(torchVersion: str | None, cudaVersion: str | None, hello: di
             "the first Segment")
 
 
+def serverText(url: str, environment: dict | None) -> str:
+    """The device line when running on a server: where, and what it runs on."""
+    if not environment or not environment.get("torch"):
+        return f"Server {url}"
+    device = f"GPU {environment['gpu_name']}" if environment.get("cuda_available") else "CPU"
+    workers = environment.get("workers")
+    return (f"Server {url}: PyTorch {environment['torch']} on {device}"
+            + (f", {workers} worker(s)" if workers else ""))
+
+
 def timingSummary(timings: dict[str, float], warm: bool) -> str:
-    order = ["write_input_s", "read_s", "load_model_s", "preprocess_s", "inference_s", "resample_s",
-             "write_s", "build_segmentation_s"]
+    order = ["write_input_s", "upload_s", "read_s", "load_model_s", "preprocess_s", "inference_s",
+             "resample_s", "write_s", "download_s", "build_segmentation_s"]
     parts = [f"{key[:-2].replace('_', ' ')} {timings[key]:.2f}s" for key in order if key in timings]
     state = "warm: model already loaded" if warm else "cold: model loaded"
     return f"Total {timings.get('total_s', 0):.1f} s ({state}); " + ", ".join(parts)

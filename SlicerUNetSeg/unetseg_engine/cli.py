@@ -1,5 +1,5 @@
-"""The ``unetseg`` command line: models, segment, batch, import-model, ensemble, train, finetune,
-versions, evaluate and more.
+"""The ``unetseg`` command line: models, segment, batch, serve, submit, import-model, ensemble, train,
+finetune, versions, evaluate and more.
 
 The others: benchmark, model-stats, quantize.
 
@@ -309,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["seg.nrrd", "nii.gz", "dicom-seg"])
     add_run_options(p)
     p.set_defaults(func=cmd_batch)
+
+    from .server.command import add_serve_parser, add_submit_parser
+
+    add_serve_parser(sub)
+    add_submit_parser(sub)
 
     p = sub.add_parser("import-model", help="validate a model package (folder or .zip), or convert an "
                        "nnU-Net v2 trained-model folder, and install it")

@@ -115,10 +115,11 @@ def load_predictor(package, **knobs):
 
 
 def run_one(predictor, images, out_path: Path, kind: str, *, window=None, progress=None,
-            dicom=None) -> tuple[object, dict[str, float], list[str]]:
+            dicom=None, cancel=None) -> tuple[object, dict[str, float], list[str]]:
     """Segment already-read ``images`` with a loaded ``predictor`` and write the result: the step
-    ``segment`` and ``batch`` share. Returns (result, timings, notes)."""
-    result = predictor.predict(images, window=window, progress=progress)
+    ``segment``, ``batch`` and the server's workers share. Returns (result, timings, notes).
+    ``cancel``: a callable; when it returns True the run stops with ``CancelledError``."""
+    result = predictor.predict(images, window=window, progress=progress, cancel=cancel)
     timings = dict(result.timings)
     t = time.perf_counter()
     if progress:

@@ -78,6 +78,22 @@ def logic(modelsDir):
     instance.shutdown()
 
 
+@pytest.fixture(scope="session")
+def server(modelsDir, tmp_path_factory):
+    """``unetseg serve`` in a subprocess on loopback, serving the tiny model."""
+    pytest.importorskip("fastapi", reason="the server needs fastapi and uvicorn")
+    from helpers import ServerProcess
+
+    folder = tmp_path_factory.mktemp("slicer-server")
+    token = folder / "token.txt"
+    token.write_text(harness.SERVER_TOKEN)
+    token.chmod(0o600)
+    running = ServerProcess(folder / "state", token, [modelsDir / "unetseg-tiny-test"])
+    yield running
+    running.stop()
+    assert harness.SERVER_TOKEN not in "".join(running.log)
+
+
 @pytest.fixture
 def scene():
     return harness.newScene()

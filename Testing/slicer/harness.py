@@ -172,3 +172,7 @@ def install() -> None:
         _loadSlicerModule(name)
     newScene()
     slicer._unetsegHarness = True
+
+
+# the access token of the test server (``server`` fixture): the tests check it never reaches a log or a scene
+SERVER_TOKEN = "slicer-test-token-" + "s" * 30

@@ -240,3 +240,57 @@ def test_a_failed_install_is_shown_as_the_modules_message(panel, monkeypatch):
     panel.onSegmentButton()  # raised CalledProcessError into the console before
     assert panel.errors and "pip failed" in panel.errors[-1]
     assert not panel.logic.isRunning()
+
+
+def test_run_on_a_server_keeps_url_and_token_in_settings_not_in_the_scene(server, ct, scene, tmp_path):
+    """Run on: a server. Its own logic (switching the shared one would stop the session's worker)."""
+    import harness
+    import SlicerUNetSeg
+    from SlicerUNetSegLib import panelText
+
+    qt = __import__("qt")
+    qt.QSettings.setDefaultFormat(qt.QSettings.IniFormat)
+    qt.QSettings.setPath(qt.QSettings.IniFormat, qt.QSettings.UserScope, str(tmp_path / "settings"))
+    panel = newPanel(SlicerUNetSeg)
+    panel.errors = []
+    panel.showError = lambda text, details=None: panel.errors.append(text)
+    try:
+        panel.ui.runOnComboBox.setCurrentIndex(1)
+        app.processEvents()
+        assert panel.ui.serverTokenLineEdit.isVisibleTo(panel.parent)
+        assert panel.ui.serverTokenLineEdit.echoMode == qt.QLineEdit.Password
+        assert "address" in panel.ui.deviceInfoLabel.text  # nothing to connect to yet
+        panel.ui.serverUrlLineEdit.setText(server.url)
+        panel.ui.serverTokenLineEdit.setText(harness.SERVER_TOKEN)
+        panel.ui.serverTokenLineEdit.editingFinished.emit()
+        assert panel.ui.deviceInfoLabel.text.startswith(f"Server {server.url}: PyTorch"), \
+            panel.ui.deviceInfoLabel.text
+        assert [m["id"] for m in panel.models] == [TINY_MODEL_ID]  # the server's models
+        assert not panel.ui.deviceComboBox.isEnabled()  # the server chooses its device
+        selectModel(panel, TINY_MODEL_ID)
+        panel._parameterNode.inputVolume = ct
+        panel.ui.segmentButton.click()
+        assert panel.ui.segmentButton.text == "Cancel"
+        pump(lambda: not panel.logic.isRunning())
+        assert not panel.errors, panel.errors
+        segmentation = panel._parameterNode.outputSegmentation
+        assert segmentation.GetSegmentation().GetNumberOfSegments() == 3
+        log = panel.ui.logTextEdit.plainText
+        assert f"on the server {server.url}" in log and "upload" in log and panel.ui.progressBar.value == 100
+        settings = qt.QSettings()
+        assert settings.value(panelText.SETTINGS_SERVER_TOKEN) == harness.SERVER_TOKEN
+        assert settings.value(panelText.SETTINGS_RUN_ON) == "server"
+        scene.SetURL(str(tmp_path / "scene.mrml"))
+        assert scene.Commit()
+        saved = (tmp_path / "scene.mrml").read_text()
+        assert "SlicerUNetSeg" in saved and harness.SERVER_TOKEN not in saved and server.url not in saved
+        again = newPanel(SlicerUNetSeg)  # the next Slicer session: the choice and the address are back
+        assert again.runOn() == "server" and again.ui.serverUrlLineEdit.text == server.url
+        again.removeObservers()
+    finally:
+        panel.timer.stop()
+        panel.logic.shutdown()
+        panel.removeObservers()
+        panel.parent.close()
+        # later panels must not find this test's "run on a server" in their settings
+        qt.QSettings.setPath(qt.QSettings.IniFormat, qt.QSettings.UserScope, str(tmp_path / "empty"))

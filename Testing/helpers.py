@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,6 +33,41 @@ def openkbp(case: str = "pt_201") -> tuple[Path, Path]:
     """(CT, label) paths of an OpenKBP case."""
     root = data_path("openkbp_hn_oar")
     return root / "imagesTr" / f"{case}_0000.nii.gz", root / "labelsTr" / f"{case}.nii.gz"
+
+
+def rotation(axis, degrees: float):
+    """A 3x3 rotation matrix about ``axis`` (any 3-vector)."""
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    a = np.deg2rad(degrees)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.cos(a) * np.eye(3) + np.sin(a) * cross + (1 - np.cos(a)) * np.outer(axis, axis)
+
+
+# Geometry for tests that need geometry, not anatomy: oblique (tilted about all three axes), with a
+# flipped axis (determinant -1, as a scan stored feet-first) and anisotropic spacing.
+OBLIQUE = rotation((1, 2, 3), 25.0)
+OBLIQUE_FLIPPED = OBLIQUE @ np.diag([1.0, -1.0, 1.0])
+
+
+def synthetic_ct(shape_kji=(40, 48, 56), spacing=(2.0, 2.5, 3.0), direction=None,
+                 origin=(-60.0, -80.0, 30.0), seed: int = 0):
+    """A small CT-like ``SimpleITK.Image`` (``SlicerUNetSegLib.testing.syntheticCt``, asymmetric, so a
+    wrong axis shows) with explicit LPS geometry; identity direction unless ``direction`` (3x3) is
+    given. For the suites that check geometry and bad input without the shared data."""
+    from SlicerUNetSegLib.testing import syntheticCt
+    from unetseg_engine.imageio import image_from_array
+
+    direction = np.eye(3) if direction is None else np.asarray(direction, float)
+    return image_from_array(syntheticCt(tuple(shape_kji), seed), spacing, origin, direction)
+
+
+def synthetic_ct_file(folder: Path, name: str = "synthetic_ct.nii.gz", **geometry) -> Path:
+    """``synthetic_ct(**geometry)`` written to ``folder/name``."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(synthetic_ct(**geometry), str(folder / name))
+    return folder / name
 
 
 OPENKBP_LABELS = ["Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx",
@@ -93,15 +129,15 @@ def make_package(folder: Path, meta: dict, seed: int = 0, bias: dict[int, float]
 
 def write_ct_series(image, folder: Path, *, skip: tuple[int, ...] = (),
                     shift_mm: dict[int, float] | None = None, study_uid: str | None = None,
-                    modality: str = "CT") -> dict:
+                    modality: str = "CT", prefix: str | None = None) -> dict:
     """Write ``image`` (HU, any direction) as a CT Image Storage series of one file per slice, with the
     attributes a clinical series has (patient, study, series and frame-of-reference UIDs, positions,
     orientation, spacing, thickness, rescale).
 
     ``skip`` leaves slices out (a series with missing slices); ``shift_mm`` moves slices along the
-    normal (a varying spacing). Returns the patient/study attributes written, for comparison.
+    normal (a varying spacing). Files are named ``<prefix or modality>NNNN.dcm``. Returns the
+    patient/study attributes written, for comparison.
     """
-    import numpy as np
     import SimpleITK as sitk
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -144,7 +180,7 @@ def write_ct_series(image, folder: Path, *, skip: tuple[int, ...] = (),
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
         ds.PixelData = np.ascontiguousarray(array[k].astype(np.int16)).tobytes()
-        ds.save_as(folder / f"{modality}{k + 1:04d}.dcm", enforce_file_format=True)
+        ds.save_as(folder / f"{prefix or modality}{k + 1:04d}.dcm", enforce_file_format=True)
     return study
 
 

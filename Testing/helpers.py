@@ -74,6 +74,59 @@ OPENKBP_LABELS = ["Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Eso
                   "Mandible"]
 
 
+# Golden output of the shipped default model (1.2.0, CPU, torch runtime) on two OpenKBP cases: each
+# organ's centroid in LPS mm and its voxel count. Across the CPU runtimes the centroids agree within
+# 0.3 mm; a one-slice shift of the labels moves every centroid by a voxel (3 to 5.4 mm on these scans),
+# which the 1 mm tolerance catches along each axis. Regenerate them when the model changes (print
+# ``organ_centroids(label_map)`` for both cases) and say so in the commit.
+GOLDEN_TOLERANCE_MM = 1.0
+GOLDEN_COUNT_TOLERANCE = 0.03
+GOLDEN = {
+    "pt_201": {"Brainstem": (-4.36, -2.81, 114.29, 319), "SpinalCord": (5.47, 31.23, -53.86, 376),
+               "RightParotid": (-61.09, -18.56, 65.76, 271), "LeftParotid": (52.64, -28.76, 71.64, 255),
+               "Esophagus": (11.93, 2.35, -80.44, 150), "Larynx": (1.75, -35.61, -23.79, 293),
+               "Mandible": (-5.36, -73.47, 36.99, 900)},
+    "pt_236": {"Brainstem": (1.6, -0.99, 107.14, 660), "SpinalCord": (-0.08, 19.04, -31.73, 669),
+               "RightParotid": (-56.5, -23.65, 64.83, 671), "LeftParotid": (57.69, -27.48, 58.65, 602),
+               "Esophagus": (3.76, -3.04, -80.03, 305), "Larynx": (-0.26, -40.41, -16.23, 625),
+               "Mandible": (-0.35, -75.61, 48.53, 1495)},
+}
+
+
+def organ_centroids(label_map) -> dict[str, tuple[float, float, float, int]]:
+    """Per OpenKBP organ: (x, y, z) centroid in LPS mm and voxel count of a label map."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    array = sitk.GetArrayViewFromImage(label_map)
+    found = {}
+    for value, name in enumerate(OPENKBP_LABELS, start=1):
+        mask = array == value
+        count = int(mask.sum())
+        if count:
+            kji = ndimage.center_of_mass(mask)
+            xyz = label_map.TransformContinuousIndexToPhysicalPoint([float(c) for c in kji[::-1]])
+            found[name] = (*(round(c, 2) for c in xyz), count)
+    return found
+
+
+def golden_differences(label_map, case: str) -> list[str]:
+    """How a label map of ``case`` differs from the default model's golden output (empty: none)."""
+    found = organ_centroids(label_map)
+    problems = []
+    for name, (*golden_xyz, golden_count) in GOLDEN[case].items():
+        if name not in found:
+            problems.append(f"{name}: not found")
+            continue
+        *xyz, count = found[name]
+        off = float(np.linalg.norm(np.subtract(xyz, golden_xyz)))
+        if off > GOLDEN_TOLERANCE_MM:
+            problems.append(f"{name}: centroid {off:.2f} mm from the golden one")
+        if abs(count - golden_count) > GOLDEN_COUNT_TOLERANCE * golden_count:
+            problems.append(f"{name}: {count} voxels instead of {golden_count}")
+    return problems
+
+
 def tiny_meta(model_id: str = "tiny-test", *, multilabel: bool = False, n_labels: int = 3,
               n_inputs: int = 1, modality: str = "CT", spatial_dims: int = 3,
               label_names: list[str] | None = None) -> dict:

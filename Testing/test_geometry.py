@@ -27,19 +27,19 @@ def flipped_copy(image: sitk.Image, axis_ijk: int) -> sitk.Image:
     return flipped
 
 
-def oblique_copy(image: sitk.Image, degrees: float = 20.0) -> sitk.Image:
+def oblique_copy(image: sitk.Image, degrees: float = 20.0, size=(110, 110, 100),
+                 spacing=(4.0, 4.5, 3.0)) -> sitk.Image:
     """Resample the scan onto a grid rotated about z and with other spacing (an oblique scan)."""
     angle = np.deg2rad(degrees)
     rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
     direction = rot @ np.array(image.GetDirection()).reshape(3, 3)
-    size, spacing = np.array([60, 60, 50]), np.array([2.5, 3.0, 2.0])
-    ref = sitk.Image(size.tolist(), image.GetPixelID())
-    ref.SetSpacing(spacing.tolist())
+    ref = sitk.Image(list(size), image.GetPixelID())
+    ref.SetSpacing(list(spacing))
     ref.SetDirection(direction.ravel().tolist())
     centre = image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()])
-    half = direction @ ((size - 1) * spacing / 2)
+    half = direction @ ((np.array(size) - 1) * np.array(spacing) / 2)
     ref.SetOrigin((np.array(centre) - half).tolist())
-    return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, -1000.0)
+    return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, -1024.0)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def predictor(tiny_package):
 @pytest.mark.parametrize("variant", ["as_is", "flipped_k", "flipped_i", "oblique"])
 def test_label_map_is_on_exactly_the_input_grid(ct, predictor, variant):
     image = {"as_is": lambda: ct, "flipped_k": lambda: flipped_copy(ct, 2),
-             "flipped_i": lambda: flipped_copy(ct, 0), "oblique": lambda: oblique_copy(ct)}[variant]()
+             "flipped_i": lambda: flipped_copy(ct, 0),
+             "oblique": lambda: oblique_copy(ct, size=(60, 60, 50), spacing=(2.5, 3.0, 2.0))}[variant]()
     result = predictor.predict([image])
     same_grid(result.label_map, image)
     assert result.label_map.GetPixelID() == sitk.sitkUInt8

@@ -10,12 +10,17 @@ Needs slicer-core, PySide6 and Slicer's own Python modules (as the Testing/slice
 
     QT_QPA_PLATFORM=offscreen PYTHONPATH=SlicerUNetSeg .venv/bin/python scripts/measure-slicer-memory.py
 
-Options: ``--shape K J I`` (default 1000 512 512), ``--device cpu|cuda``.
+Options: ``--shape K J I`` (default 1000 512 512), ``--device cpu|cuda``, ``--organs``: instead of the
+worker, ``organLabels`` (below) answers with one organ-sized sphere per label, as a trained model's labels
+are; the random model's labels fill the whole volume, so only this shows the cost of the Slicer
+side's copies for real anatomy. ``UNETSEG_CODE=<checkout>`` measures another checkout's module code
+(e.g. before a change) with this script.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import threading
@@ -23,8 +28,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "SlicerUNetSeg"))
-sys.path.insert(0, str(REPO / "Testing" / "slicer"))
+CODE = Path(os.environ.get("UNETSEG_CODE", REPO))
+sys.path.insert(0, str(CODE / "SlicerUNetSeg"))
+sys.path.insert(0, str(CODE / "Testing" / "slicer"))  # its harness puts CODE/SlicerUNetSeg first
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
@@ -79,10 +85,41 @@ def phantom(shape_kji) -> np.ndarray:
     return out
 
 
+def organLabels(request) -> list[dict]:
+    """The worker's answer to ``request``: one sphere of 15 to 45 mm radius per label."""
+    import SimpleITK as sitk
+
+    image = sitk.ImageFileReader()  # the header only: the stand-in adds no copy of the input
+    image.SetFileName(request["inputs"][0]["path"])
+    image.ReadImageInformation()
+    size_kji = image.GetSize()[::-1]
+    labels = np.zeros(size_kji, np.uint8)
+    rng = np.random.default_rng(0)
+    for value in request["label_values"]:
+        centre = rng.uniform(0.2, 0.8, 3) * size_kji
+        radius = rng.uniform(15, 45)  # voxels of about 1 mm
+        box = tuple(slice(max(0, int(c - radius)), min(n, int(c + radius) + 1))
+                    for c, n in zip(centre, size_kji))
+        k, j, i = np.ogrid[box]
+        inside = (k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2 < radius ** 2
+        labels[box][inside] = value
+    out = Path(request["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    labelImage = sitk.GetImageFromArray(labels)
+    del labels
+    labelImage.SetSpacing(image.GetSpacing()), labelImage.SetOrigin(image.GetOrigin())
+    labelImage.SetDirection(image.GetDirection())
+    sitk.WriteImage(labelImage, str(out / "labels.nrrd"), useCompression=False)
+    del labelImage
+    return [{"event": "done", "id": request["id"], "label_map": str(out / "labels.nrrd"), "masks": None,
+             "timings": {}, "device": "stand-in", "messages": [], "model": request["model"], "warm": True}]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=[1000, 512, 512], metavar=("K", "J", "I"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--organs", action="store_true", help="organ-sized labels from a stand-in worker")
     args = parser.parse_args()
     missing = harness.missingReason()
     if missing:
@@ -103,7 +140,20 @@ def main() -> int:
     voxels = int(np.prod(args.shape))
 
     launcher = REPO / "Testing" / "slicer" / "fakeLauncher.py"
-    logic = SlicerUNetSegLogic(runner=WorkerRunner(python=[sys.executable, str(launcher)]))
+    if args.organs:
+        from SlicerUNetSegLib.testing import StandInRunner
+
+        class OrganRunner(StandInRunner):
+            def poll(self):
+                events = [e for r in self.pending
+                          for e in organLabels({**r, "label_values": self.labelValues})]
+                self.pending, self.active = [], None
+                return events
+
+        runner = OrganRunner([1, 2, 3])
+    else:
+        runner = WorkerRunner(python=[sys.executable, str(launcher)])
+    logic = SlicerUNetSegLogic(runner=runner)
     sampler = WorkerSampler()
     sampler.start()
     try:
@@ -112,7 +162,7 @@ def main() -> int:
         time.sleep(0.5)
         sampler.baseline, sampler.peak = sampler.rss(), 0
         before = psutil.Process().memory_info().rss
-        resetPeak()
+        resetPeak()  # the stand-in's own label map (1 byte per voxel) counts in the Slicer process
         t = time.perf_counter()
         segmentation = logic.process(volume, None, modelId, device=args.device)
         seconds = time.perf_counter() - t
@@ -130,6 +180,7 @@ def main() -> int:
           f"{sampler.baseline / mb:.0f} MB when idle ({(sampler.peak - sampler.baseline) / voxels:.2f} bytes "
           "per voxel; sampled every 20 ms)")
     print("timings:", {k: round(v, 2) for k, v in logic.job.timings.items()})
+    print("module code:", sys.modules["SlicerUNetSegLib.segmentationBuilder"].__file__)
     return 0
 
 

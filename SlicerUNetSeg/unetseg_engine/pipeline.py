@@ -21,7 +21,8 @@ class TerminalProgress:
     def __init__(self, stream=None, quiet: bool = False) -> None:
         # sys.stderr is looked up now, not at import: it may have been replaced since
         self.stream, self.quiet = stream or sys.stderr, quiet
-        self.stage, self.last_percent = None, -1
+        self.stage: str | None = None
+        self.last_percent = -1
         self.tty = hasattr(stream, "isatty") and stream.isatty()
 
     def __call__(self, stage: str, fraction: float) -> None:

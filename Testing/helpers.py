@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,8 +35,96 @@ def openkbp(case: str = "pt_201") -> tuple[Path, Path]:
     return root / "imagesTr" / f"{case}_0000.nii.gz", root / "labelsTr" / f"{case}.nii.gz"
 
 
+def rotation(axis, degrees: float):
+    """A 3x3 rotation matrix about ``axis`` (any 3-vector)."""
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    a = np.deg2rad(degrees)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.cos(a) * np.eye(3) + np.sin(a) * cross + (1 - np.cos(a)) * np.outer(axis, axis)
+
+
+# Geometry for tests that need geometry, not anatomy: oblique (tilted about all three axes), with a
+# flipped axis (determinant -1, as a scan stored feet-first) and anisotropic spacing.
+OBLIQUE = rotation((1, 2, 3), 25.0)
+OBLIQUE_FLIPPED = OBLIQUE @ np.diag([1.0, -1.0, 1.0])
+
+
+def synthetic_ct(shape_kji=(40, 48, 56), spacing=(2.0, 2.5, 3.0), direction=None,
+                 origin=(-60.0, -80.0, 30.0), seed: int = 0):
+    """A small CT-like ``SimpleITK.Image`` (``SlicerUNetSegLib.testing.syntheticCt``, asymmetric, so a
+    wrong axis shows) with explicit LPS geometry; identity direction unless ``direction`` (3x3) is
+    given. For the suites that check geometry and bad input without the shared data."""
+    from SlicerUNetSegLib.testing import syntheticCt
+    from unetseg_engine.imageio import image_from_array
+
+    direction = np.eye(3) if direction is None else np.asarray(direction, float)
+    return image_from_array(syntheticCt(tuple(shape_kji), seed), spacing, origin, direction)
+
+
+def synthetic_ct_file(folder: Path, name: str = "synthetic_ct.nii.gz", **geometry) -> Path:
+    """``synthetic_ct(**geometry)`` written to ``folder/name``."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(synthetic_ct(**geometry), str(folder / name))
+    return folder / name
+
+
 OPENKBP_LABELS = ["Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx",
                   "Mandible"]
+
+
+# Golden output of the shipped default model (1.2.0, CPU, torch runtime) on two OpenKBP cases: each
+# organ's centroid in LPS mm and its voxel count. Across the CPU runtimes the centroids agree within
+# 0.3 mm; a one-slice shift of the labels moves every centroid by a voxel (3 to 5.4 mm on these scans),
+# which the 1 mm tolerance catches along each axis. Regenerate them when the model changes (print
+# ``organ_centroids(label_map)`` for both cases) and say so in the commit.
+GOLDEN_TOLERANCE_MM = 1.0
+GOLDEN_COUNT_TOLERANCE = 0.03
+GOLDEN = {
+    "pt_201": {"Brainstem": (-4.36, -2.81, 114.29, 319), "SpinalCord": (5.47, 31.23, -53.86, 376),
+               "RightParotid": (-61.09, -18.56, 65.76, 271), "LeftParotid": (52.64, -28.76, 71.64, 255),
+               "Esophagus": (11.93, 2.35, -80.44, 150), "Larynx": (1.75, -35.61, -23.79, 293),
+               "Mandible": (-5.36, -73.47, 36.99, 900)},
+    "pt_236": {"Brainstem": (1.6, -0.99, 107.14, 660), "SpinalCord": (-0.08, 19.04, -31.73, 669),
+               "RightParotid": (-56.5, -23.65, 64.83, 671), "LeftParotid": (57.69, -27.48, 58.65, 602),
+               "Esophagus": (3.76, -3.04, -80.03, 305), "Larynx": (-0.26, -40.41, -16.23, 625),
+               "Mandible": (-0.35, -75.61, 48.53, 1495)},
+}
+
+
+def organ_centroids(label_map) -> dict[str, tuple[float, float, float, int]]:
+    """Per OpenKBP organ: (x, y, z) centroid in LPS mm and voxel count of a label map."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    array = sitk.GetArrayViewFromImage(label_map)
+    found = {}
+    for value, name in enumerate(OPENKBP_LABELS, start=1):
+        mask = array == value
+        count = int(mask.sum())
+        if count:
+            kji = ndimage.center_of_mass(mask)
+            xyz = label_map.TransformContinuousIndexToPhysicalPoint([float(c) for c in kji[::-1]])
+            found[name] = (*(round(c, 2) for c in xyz), count)
+    return found
+
+
+def golden_differences(label_map, case: str) -> list[str]:
+    """How a label map of ``case`` differs from the default model's golden output (empty: none)."""
+    found = organ_centroids(label_map)
+    problems = []
+    for name, (*golden_xyz, golden_count) in GOLDEN[case].items():
+        if name not in found:
+            problems.append(f"{name}: not found")
+            continue
+        *xyz, count = found[name]
+        off = float(np.linalg.norm(np.subtract(xyz, golden_xyz)))
+        if off > GOLDEN_TOLERANCE_MM:
+            problems.append(f"{name}: centroid {off:.2f} mm from the golden one")
+        if abs(count - golden_count) > GOLDEN_COUNT_TOLERANCE * golden_count:
+            problems.append(f"{name}: {count} voxels instead of {golden_count}")
+    return problems
 
 
 def tiny_meta(model_id: str = "tiny-test", *, multilabel: bool = False, n_labels: int = 3,
@@ -93,15 +182,15 @@ def make_package(folder: Path, meta: dict, seed: int = 0, bias: dict[int, float]
 
 def write_ct_series(image, folder: Path, *, skip: tuple[int, ...] = (),
                     shift_mm: dict[int, float] | None = None, study_uid: str | None = None,
-                    modality: str = "CT") -> dict:
+                    modality: str = "CT", prefix: str | None = None) -> dict:
     """Write ``image`` (HU, any direction) as a CT Image Storage series of one file per slice, with the
     attributes a clinical series has (patient, study, series and frame-of-reference UIDs, positions,
     orientation, spacing, thickness, rescale).
 
     ``skip`` leaves slices out (a series with missing slices); ``shift_mm`` moves slices along the
-    normal (a varying spacing). Returns the patient/study attributes written, for comparison.
+    normal (a varying spacing). Files are named ``<prefix or modality>NNNN.dcm``. Returns the
+    patient/study attributes written, for comparison.
     """
-    import numpy as np
     import SimpleITK as sitk
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -144,7 +233,7 @@ def write_ct_series(image, folder: Path, *, skip: tuple[int, ...] = (),
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
         ds.PixelData = np.ascontiguousarray(array[k].astype(np.int16)).tobytes()
-        ds.save_as(folder / f"{modality}{k + 1:04d}.dcm", enforce_file_format=True)
+        ds.save_as(folder / f"{prefix or modality}{k + 1:04d}.dcm", enforce_file_format=True)
     return study
 
 

@@ -1,4 +1,6 @@
-"""Every bad input gets one clear error line, exit status 2, and leaves no file behind."""
+"""Every bad input gets one clear error line, exit status 2, and leaves no file behind.
+
+The scans are small synthetic volumes: these run without the shared data."""
 
 import json
 import shutil
@@ -7,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from helpers import openkbp
+from helpers import synthetic_ct_file
 from unetseg_engine.cli import main
 
 
@@ -55,19 +57,24 @@ CASES = {
                                  t / "out" / "o.nii.gz"), "NaN"),
     "empty volume": (lambda t, p: ([write(volume(np.full((8, 8, 8), -1024, np.int16)), t / "e.nrrd")],
                                    None, t / "out" / "o.nii.gz"), "empty"),
-    "wrong number of inputs": (lambda t, p: ([str(openkbp()[0])] * 2, None, t / "out" / "o.nii.gz"),
+    "wrong number of inputs": (lambda t, p: ([scan(t)] * 2, None, t / "out" / "o.nii.gz"),
                                "takes 1 input"),
-    "unknown model": (lambda t, p: ([str(openkbp()[0])], "no-such-model", t / "out" / "o.nii.gz"),
+    "unknown model": (lambda t, p: ([scan(t)], "no-such-model", t / "out" / "o.nii.gz"),
                       "Unknown model 'no-such-model'"),
-    "tampered weights": (lambda t, p: ([str(openkbp()[0])], tampered_weights(t, p),
+    "tampered weights": (lambda t, p: ([scan(t)], tampered_weights(t, p),
                                        t / "out" / "o.nii.gz"), "checksum"),
-    "metadata fails the schema": (lambda t, p: ([str(openkbp()[0])], invalid_metadata(t, p),
+    "metadata fails the schema": (lambda t, p: ([scan(t)], invalid_metadata(t, p),
                                                 t / "out" / "o.nii.gz"), "invalid"),
-    "output folder missing": (lambda t, p: ([str(openkbp()[0])], None, t / "missing" / "o.nii.gz"),
+    "output folder missing": (lambda t, p: ([scan(t)], None, t / "missing" / "o.nii.gz"),
                               "does not exist"),
-    "unsupported output": (lambda t, p: ([str(openkbp()[0])], None, t / "out" / "o.png"),
+    "unsupported output": (lambda t, p: ([scan(t)], None, t / "out" / "o.png"),
                            "Unsupported output"),
 }
+
+
+def scan(tmp_path) -> str:
+    """A good CT (oblique-free, 2-3 mm voxels) beside the output folder."""
+    return str(synthetic_ct_file(tmp_path / "in"))
 
 
 def _garbage(tmp_path):

@@ -213,6 +213,9 @@ ZIPS = {
                              "entries"),
     "one entry that inflates 1000-fold": (lambda z: z.writestr("tiny-test/pad.bin", bytes(50_000_000)),
                                           "zip bomb"),
+    "an entry that climbs out (zip slip)": (lambda z: z.writestr("tiny-test/../../evil.py", b"x"),
+                                            "unsafe path"),
+    "an absolute entry": (lambda z: z.writestr("/tmp/evil.py", b"x"), "unsafe path"),
 }
 
 

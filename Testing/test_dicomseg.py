@@ -15,7 +15,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from helpers import make_package, openkbp, tiny_meta, write_ct_series
+import helpers
+from helpers import OBLIQUE, make_package, openkbp, synthetic_ct, tiny_meta, write_ct_series
 from unetseg_engine.cli import main
 from unetseg_engine.imageio import read_image
 from unetseg_engine.pipeline import segment_files
@@ -183,21 +184,40 @@ def test_dciodvfy_finds_no_error(series, tmp_path, biased_package):
 
 
 def _series_variant(tmp_path, **kwargs) -> Path:
-    image = sitk.ReadImage(str(openkbp("pt_201")[0]))[:, :, 40:70]
+    """A synthetic oblique CT written as a series, with ``write_ct_series``'s defects."""
     folder = tmp_path / "variant"
-    write_ct_series(image, folder, **kwargs)
+    write_ct_series(synthetic_ct(shape_kji=(30, 40, 36), spacing=(1.0, 1.2, 2.0), direction=OBLIQUE),
+                    folder, **kwargs)
     return folder
+
+
+def _two_series(tmp_path) -> Path:
+    folder = _series_variant(tmp_path)
+    write_ct_series(synthetic_ct(shape_kji=(10, 40, 36)), folder, prefix="second")
+    return folder
+
+
+def _mixed_orientation(tmp_path) -> Path:
+    folder = _series_variant(tmp_path)
+    ds = pydicom.dcmread(folder / "CT0007.dcm")
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # a coronal slice in an oblique stack
+    ds.save_as(folder / "CT0007.dcm")
+    return folder
+
+
+def _nifti(tmp_path) -> str:
+    return str(helpers.synthetic_ct_file(tmp_path / "in"))
 
 
 BAD = {
     # name: (inputs and output from tmp_path, words in the message)
-    "NIfTI input, .dcm output": (lambda t: ([str(openkbp()[0])], ["-o", str(t / "out" / "r.dcm")]),
+    "NIfTI input, .dcm output": (lambda t: ([_nifti(t)], ["-o", str(t / "out" / "r.dcm")]),
                                  "needs a DICOM series folder"),
     "NIfTI input, --output-type dicom-seg": (
-        lambda t: ([str(openkbp()[0])], ["-o", str(t / "out" / "r"), "--output-type", "dicom-seg"]),
+        lambda t: ([_nifti(t)], ["-o", str(t / "out" / "r"), "--output-type", "dicom-seg"]),
         "needs a DICOM series folder"),
     "name and type disagree": (
-        lambda t: ([str(openkbp()[0])], ["-o", str(t / "out" / "r.nii.gz"), "--output-type", "dicom-seg"]),
+        lambda t: ([_nifti(t)], ["-o", str(t / "out" / "r.nii.gz"), "--output-type", "dicom-seg"]),
         "does not match --output-type"),
     "missing slice": (lambda t: ([str(_series_variant(t, skip=(12,)))], ["-o", str(t / "out" / "r.dcm")]),
                       "missing slices"),
@@ -206,6 +226,16 @@ BAD = {
         "missing slices"),
     "varying spacing": (lambda t: ([str(_series_variant(t, shift_mm={k: 1.0 for k in range(20, 30)}))],
                                    ["-o", str(t / "out" / "r.dcm")]), "varying slice spacing"),
+    "two slices at one position": (
+        lambda t: ([str(_series_variant(t, shift_mm={5: -2.0}))], ["-o", str(t / "out" / "r.nii.gz")]),
+        "two slices at the same position"),
+    "several series in one folder": (lambda t: ([str(_two_series(t))], ["-o", str(t / "out" / "r.nii.gz")]),
+                                     "holds 2 DICOM series"),
+    "mixed orientations": (lambda t: ([str(_mixed_orientation(t))], ["-o", str(t / "out" / "r.nii.gz")]),
+                           "mixes slice orientations"),
+    "MR series for a CT model": (
+        lambda t: ([str(_series_variant(t, modality="MR"))], ["-o", str(t / "out" / "r.nii.gz")]),
+        "is MR (its Modality attribute), but model 'tiny-biased' segments CT scans"),
 }
 
 

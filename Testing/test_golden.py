@@ -1,13 +1,14 @@
 """Golden test: the shipped default model on 2 OpenKBP validation cases, on CPU, against the clinical
-contours. A broken weight file, a flipped axis, a wrong window or a resampling
-bug fails it."""
+contours (Dice floors) and against its own recorded output (organ centroids within 1 mm, voxel counts
+within 3 %). A broken weight file, a flipped axis, a wrong window, a resampling bug or labels shifted
+by one slice along any axis fails it."""
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from test_geometry import oblique_copy
 
-from helpers import OPENKBP_LABELS, openkbp
+from helpers import OPENKBP_LABELS, golden_differences, openkbp
 from unetseg_engine.imageio import read_image
 from unetseg_engine.inference import Predictor
 from unetseg_engine.metrics import dice
@@ -43,6 +44,19 @@ def predictor(predictors):
     return predictors(DEFAULT)
 
 
+@pytest.fixture(scope="module")
+def predicted(predictor):
+    """The default model's label map per case, predicted once for the module."""
+    done: dict[str, sitk.Image] = {}
+
+    def label_map(case: str) -> sitk.Image:
+        if case not in done:
+            done[case] = predictor.predict([read_image(openkbp(case)[0])]).label_map
+        return done[case]
+
+    return label_map
+
+
 def organ_dice(label_map: sitk.Image, reference: sitk.Image) -> dict[str, float]:
     p, r = sitk.GetArrayViewFromImage(label_map), sitk.GetArrayViewFromImage(reference)
     return {name: dice(p == value, r == value) for value, name in enumerate(OPENKBP_LABELS, start=1)}
@@ -61,12 +75,39 @@ def test_default_model_metadata_names_the_seven_organs_with_snomed_codes():
 
 @pytest.mark.parametrize("model_id", [DEFAULT])
 @pytest.mark.parametrize("case", CASES)
-def test_shipped_model_dice_per_organ_on_validation_cases(predictors, model_id, case):
+def test_shipped_model_dice_per_organ_on_validation_cases(predicted, model_id, case):
     ct_path, label_path = openkbp(case)
-    result = predictors(model_id).predict([read_image(ct_path)])
-    scores = organ_dice(result.label_map, sitk.ReadImage(str(label_path)))
+    scores = organ_dice(predicted(case), sitk.ReadImage(str(label_path)))
     low = {n: round(d, 3) for n, d in scores.items() if d < FLOORS[n]}
     assert not low, f"{case}: organs below their Dice floor: {low} (all: {scores})"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_shipped_model_gives_its_golden_output(predicted, case):
+    assert golden_differences(predicted(case), case) == []
+
+
+def shifted(label_map: sitk.Image, axis_kji: int, voxels: int) -> sitk.Image:
+    """The same labels moved by ``voxels`` along one array axis (zeros come in), on the same grid."""
+    array = sitk.GetArrayFromImage(label_map)
+    moved = np.zeros_like(array)
+    source = [slice(None)] * 3
+    target = [slice(None)] * 3
+    source[axis_kji] = slice(0, -voxels) if voxels > 0 else slice(-voxels, None)
+    target[axis_kji] = slice(voxels, None) if voxels > 0 else slice(0, voxels)
+    moved[tuple(target)] = array[tuple(source)]
+    image = sitk.GetImageFromArray(moved)
+    image.CopyInformation(label_map)
+    return image
+
+
+@pytest.mark.parametrize("voxels", [1, -1])
+@pytest.mark.parametrize("axis_kji", [0, 1, 2])
+def test_the_golden_check_catches_a_one_slice_shift(predicted, axis_kji, voxels):
+    """The Dice floors miss a 1-slice shift along the slice axis (k) on both cases (measured); the
+    golden check must catch a shift along every axis."""
+    problems = golden_differences(shifted(predicted(CASES[0]), axis_kji, voxels), CASES[0])
+    assert sum("centroid" in p for p in problems) >= 5, problems
 
 
 def test_default_model_on_an_oblique_copy_lands_on_the_right_voxels(predictor):

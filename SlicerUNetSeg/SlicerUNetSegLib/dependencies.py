@@ -16,10 +16,21 @@ from collections.abc import Callable
 # With torch 2.2 to 2.4.0 pip can only choose monai 1.4.0, which requires numpy < 2 and would
 # downgrade the numpy 2 that Slicer 5.10 ships; from 2.4.1 on it picks a MONAI that takes numpy 2.
 MINIMUM_TORCH = "2.4.1"
-# What the worker imports besides torch and SimpleITK (pyproject.toml lists them for the command line).
-# SimpleITK is not here: Slicer bundles its own build (2.5.2 in 5.10, 2.2.1 in 5.6), and a requirement
-# above the bundled version would make pip replace Slicer's copy.
-REQUIREMENTS = ["monai>=1.4", "scipy>=1.10", "jsonschema>=4.18", "numpy>=1.24"]
+# What the worker imports besides torch and SimpleITK, with the bounds of pyproject.toml (the command
+# line's list; Testing/test_requirements.py checks the two agree). psutil: the worker checks free memory
+# before reading the input.
+REQUIREMENTS = ["monai>=1.4", "scipy>=1.10", "jsonschema>=4.18", "numpy>=1.24", "psutil>=5.9"]
+# pyproject.toml's other runtime dependencies, and why the module does not install them.
+NOT_INSTALLED = {
+    "torch": "comes through Slicer's PyTorch extension (MINIMUM_TORCH)",
+    # a requirement above the bundled build (2.5.2 in 5.10, 2.2.1 in 5.6) would make pip replace it
+    "simpleitk": "Slicer bundles its own build",
+    "slicerio": ".seg.nrrd files of the command line; the module builds segments in the scene",
+    "matplotlib": "training curves and benchmark plots of the command line",
+    "nibabel": "checks of NIfTI inputs; the module gives the worker NRRD",
+    "pydicom": "DICOM SEG output of the command line",
+    "highdicom": "DICOM SEG output of the command line",
+}
 
 
 class DependencyError(RuntimeError):

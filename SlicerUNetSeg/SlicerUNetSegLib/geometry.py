@@ -64,16 +64,17 @@ def checkVolume(volumeNode, what: str = "input volume"):
 def writeVolumeForWorker(volumeNode, path: str) -> dict:
     """Write the voxels as an uncompressed .nrrd and return the worker's input record (path + geometry).
 
-    The user's volume is only read (``arrayFromVolume`` is a view; nothing is written back).
+    Slicer's own NRRD writer writes the node's image data as it is (no copy of the voxels is made);
+    the worker takes the geometry from the record, which is the volume's local IJK-to-RAS in LPS. The
+    user's volume is only read.
     """
-    import SimpleITK as sitk
-
-    from unetseg_engine.imageio import image_from_array
-
-    array = slicer.util.arrayFromVolume(volumeNode)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()  # not added to the scene
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(False)
+    if not storage.WriteData(volumeNode):
+        raise UNetSegError(f"Could not write the input volume '{volumeNode.GetName()}' to '{path}' for "
+                           "the engine (is the temporary folder full?).")
     spacing, origin, direction = lpsGeometry(volumeNode)
-    image = image_from_array(array, spacing, origin, direction)
-    sitk.WriteImage(image, path, useCompression=False)
     return {"path": path, "spacing": spacing, "origin": origin, "direction": direction,
             "name": volumeNode.GetName()}
 

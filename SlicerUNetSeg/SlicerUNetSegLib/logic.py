@@ -27,6 +27,7 @@ import numpy as np
 import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
+from unetseg_engine.checks import check_device
 from unetseg_engine.errors import CancelledError, UNetSegError
 from unetseg_engine.runtimes import RUNTIME_CHOICES as RUNTIMES
 
@@ -115,22 +116,12 @@ class SlicerUNetSegLogic(ReviewLogicMixin, LearningLogicMixin, ScriptedLoadableM
         from unetseg_engine import modelpkg
 
         try:
-            return [package.summary() for package in modelpkg.list_models()]
+            packages = modelpkg.list_models()
         except ImportError:
             # Before the first Segment installs jsonschema the panel still lists the packages (read as
             # plain JSON); each one is validated, and its weights checked, before it is used.
-            import json
-
-            found: dict[str, dict[str, Any]] = {}
-            for folder in modelpkg.model_search_path():
-                for meta in sorted(folder.glob(f"*/{modelpkg.METADATA_FILE}")) if folder.is_dir() else []:
-                    try:
-                        data = json.loads(meta.read_text("utf-8"))
-                        summary = modelpkg.ModelPackage(meta.parent, data).summary()
-                    except (ValueError, KeyError, TypeError, OSError):
-                        continue
-                    found.setdefault(summary["id"], summary)
-            return sorted(found.values(), key=lambda s: (s["id"] != modelpkg.DEFAULT_MODEL_ID, s["id"]))
+            packages = modelpkg.scan_models(validate=False)[0]
+        return [package.summary() for package in packages]
 
     @staticmethod
     def getModel(modelId: str | None = None):
@@ -196,8 +187,7 @@ class SlicerUNetSegLogic(ReviewLogicMixin, LearningLogicMixin, ScriptedLoadableM
         if len(transforms) > 1:
             raise UNetSegError("The input volumes are under different transforms; harden them (Data "
                                "module: right-click > Harden transform) so they share one frame.")
-        if device not in ("auto", "cuda", "cpu"):
-            raise UNetSegError(f"Unknown device '{device}': use 'auto', 'cuda' (GPU) or 'cpu'.")
+        check_device(device)
         if runtime not in RUNTIMES:
             raise UNetSegError(f"Unknown runtime '{runtime}': use {', '.join(RUNTIMES)}.")
         if outputSegmentation is not None and not replaceExisting and \
@@ -270,7 +260,8 @@ class SlicerUNetSegLogic(ReviewLogicMixin, LearningLogicMixin, ScriptedLoadableM
         created, reviewNodes = None, []
         try:
             volume = job.inputVolumes[0]
-            labelMap = sitk.GetArrayFromImage(sitk.ReadImage(event["label_map"]))
+            labelImage = sitk.ReadImage(event["label_map"])
+            labelMap = sitk.GetArrayViewFromImage(labelImage)  # a view: no second full-size copy
             if labelMap.shape != slicer.util.arrayFromVolume(volume).shape:
                 raise UNetSegError(f"The labels came back with shape {labelMap.shape}, not the input's "
                                    f"{slicer.util.arrayFromVolume(volume).shape}; please report this.")

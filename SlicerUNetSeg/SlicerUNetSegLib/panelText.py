@@ -6,10 +6,13 @@ import html
 import re
 from typing import Any
 
+from unetseg_engine.checks import DEVICES
+
 # (name, level, width); "Model default" is filled from the selected model.
 WINDOW_PRESETS = [("Soft tissue", 40.0, 400.0), ("Lung", -600.0, 1500.0), ("Bone", 400.0, 1800.0),
                   ("Brain", 40.0, 80.0)]
-DEVICE_CHOICES = [("Auto (GPU if available)", "auto"), ("GPU (CUDA)", "cuda"), ("CPU", "cpu")]
+DEVICE_TITLES = {"auto": "Auto (GPU if available)", "cuda": "GPU (CUDA)", "cpu": "CPU"}
+DEVICE_CHOICES = [(DEVICE_TITLES[device], device) for device in DEVICES]
 RUN_ON_CHOICES = [("This computer", "local"), ("A server", "server")]
 # Slicer's settings (qt.QSettings), not the parameter node: a token must never be saved with a scene
 SETTINGS_RUN_ON, SETTINGS_SERVER_URL, SETTINGS_SERVER_TOKEN = (

@@ -12,7 +12,6 @@ from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 
 MAX_INPUTS = 4
 INPUT_PARAMETERS = ("inputVolume", "inputVolume2", "inputVolume3", "inputVolume4")
-DEVICES = ("auto", "cuda", "cpu")
 # Slicer's WithinRange raises ValueError outside these, so a model's window is clamped to them
 # (clampWindow) before it is written; the model schema bounds a package's window the same way.
 WINDOW_LEVEL_RANGE = (-3000.0, 3000.0)

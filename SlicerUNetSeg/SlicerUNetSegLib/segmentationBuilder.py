@@ -15,25 +15,27 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
-ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+from unetseg_engine.segfile import ANATOMIC_CONTEXT, slicerio_terminology
 
 
-def _code(entry: dict[str, str] | None) -> str:
-    return f"{entry['scheme']}^{entry['code']}^{entry['meaning']}" if entry else "^^"
+def _code(code: list[str] | None) -> str:
+    return "^".join(code) if code else "^^"
 
 
 def terminologyEntryString(label: dict[str, Any]) -> str | None:
     """Slicer's serialized terminology entry for a model label (None when the model gives none).
 
     Format: context~category~type~typeModifier~anatomicContext~anatomicRegion~regionModifier, each
-    code as scheme^value^meaning, as Slicer's terminology tag and ``.seg.nrrd`` files store it.
+    code as scheme^value^meaning, as Slicer's terminology tag and ``.seg.nrrd`` files store it. The
+    contexts and codes are the engine's (``segfile.slicerio_terminology``), so the module's segments
+    and the command line's .seg.nrrd files name the same terms.
     """
-    term = label.get("terminology")
-    if not term:
+    term = slicerio_terminology(label)
+    if term is None:
         return None
-    return "~".join([TERMINOLOGY_CONTEXT, _code(term["category"]), _code(term["type"]),
-                     _code(term.get("type_modifier")), ANATOMIC_CONTEXT, _code(term.get("region")), "^^"])
+    return "~".join([term["contextName"], _code(term["category"]), _code(term["type"]),
+                     _code(term.get("typeModifier")), ANATOMIC_CONTEXT, _code(term.get("anatomicRegion")),
+                     "^^"])
 
 
 def _orientedMask(mask_kji: np.ndarray, startIjk, ijkToRas: vtk.vtkMatrix4x4):
@@ -50,11 +52,14 @@ def _orientedMask(mask_kji: np.ndarray, startIjk, ijkToRas: vtk.vtkMatrix4x4):
 
 
 def labelBoxes(labelMap: np.ndarray, values) -> dict[int, tuple[tuple[int, int, int], np.ndarray]]:
-    """Each label's (start ijk, bool mask (k, j, i)) cropped to its bounding box, in one pass."""
+    """Each label's (start ijk, bool mask (k, j, i)) cropped to its bounding box, in one pass.
+
+    ``find_objects`` takes the label map as it is (uint8 or uint16): no full-size copy is made, only
+    the cropped masks (a 512 x 512 x 1000 label map cast to int32 would be 1 GB)."""
     from scipy import ndimage
 
     boxes = {}
-    slices = ndimage.find_objects(labelMap.astype(np.int32, copy=False))
+    slices = ndimage.find_objects(labelMap)
     for value in values:
         box = slices[value - 1] if value - 1 < len(slices) else None
         if box is None:

@@ -85,15 +85,23 @@ def makeTinyModel(folder: str | os.PathLike, modelId: str = TINY_MODEL_ID, seed:
 
 
 def syntheticCt(shape_kji=(40, 64, 64), seed: int = 0) -> np.ndarray:
-    """A small CT-like volume (air, a soft-tissue ellipsoid, a bright 'bone' ring), int16 HU."""
+    """A small CT-like volume, int16 HU: air, a soft-tissue ellipsoid with a bright 'bone' ring, and,
+    off centre, a dense sphere, a fat blob and an air pocket, so that no flip or rotation of the
+    array maps it onto itself (a label map placed with a wrong axis does not line up by chance)."""
     rng = np.random.default_rng(seed)
-    k, j, i = np.indices(shape_kji, dtype=float)
-    centre = [(s - 1) / 2 for s in shape_kji]
-    r = ((k - centre[0]) / (shape_kji[0] * 0.45)) ** 2 + ((j - centre[1]) / (shape_kji[1] * 0.4)) ** 2 + \
-        ((i - centre[2]) / (shape_kji[2] * 0.35)) ** 2
+    k, j, i = np.indices(shape_kji, dtype=float) / (np.array(shape_kji, float) - 1)[:, None, None, None]
+
+    def ellipsoid(centre, radii):
+        return sum(((a - c) / r) ** 2 for a, c, r in zip((k, j, i), centre, radii)) < 1
+
     volume = np.full(shape_kji, -1000.0)
-    volume[r < 1] = 40
-    volume[(r > 0.55) & (r < 0.7)] = 900
+    volume[ellipsoid((0.5, 0.5, 0.5), (0.45, 0.4, 0.35))] = 40
+    ring = ellipsoid((0.5, 0.5, 0.5), (0.45 * 0.84, 0.4 * 0.84, 0.35 * 0.84)) & \
+        ~ellipsoid((0.5, 0.5, 0.5), (0.45 * 0.74, 0.4 * 0.74, 0.35 * 0.74))
+    volume[ring] = 900
+    volume[ellipsoid((0.35, 0.4, 0.62), (0.12, 0.1, 0.08))] = 700  # dense sphere
+    volume[ellipsoid((0.62, 0.6, 0.4), (0.1, 0.08, 0.07))] = -100  # fat
+    volume[ellipsoid((0.55, 0.35, 0.45), (0.06, 0.05, 0.05))] = -900  # air pocket
     return (volume + rng.normal(0, 10, shape_kji)).astype(np.int16)
 
 

@@ -123,7 +123,8 @@ class _Log:
 
     def __init__(self, path: Path) -> None:
         self.file = path.open("w", encoding="utf-8")
-        self.t0, self.stage = time.perf_counter(), None
+        self.t0 = time.perf_counter()
+        self.stage: str | None = None
 
     def write(self, text: str) -> None:
         self.file.write(f"[{time.perf_counter() - self.t0:7.2f} s] {text}\n")

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from .checks import DEVICES
 from .errors import UNetSegError
 from .runtimes import RUNTIME_CHOICES
 
@@ -238,7 +239,7 @@ def child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", required=True, choices=["ours", "reference"])
     parser.add_argument("--input", required=True)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=[d for d in DEVICES if d != "auto"])
     parser.add_argument("--runtime", default="torch", choices=[r for r in RUNTIME_CHOICES if r != "auto"])
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--threads", type=int)

@@ -246,6 +246,17 @@ def modality_warnings(images: list[sitk.Image], modality: str) -> list[str]:
     return warnings
 
 
+# ---- devices -------------------------------------------------------------------------------------
+# Where the network may be asked to run (the command line's --device, the panel's combo box, the
+# worker's requests): "auto" is CUDA when PyTorch sees a GPU, else the CPU.
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise UNetSegError(f"Unknown device '{device}': use 'auto', 'cuda' (GPU) or 'cpu'.")
+
+
 # ---- run settings --------------------------------------------------------------------------------
 MAX_OVERLAP = 0.95
 

@@ -135,6 +135,22 @@ def one_series(folder: str | os.PathLike) -> DicomSeries:
     return series[0]
 
 
+# DICOM Modality (0008,0060) values that say what kind of scan a series is, as model metadata names them
+SCAN_MODALITIES = {"CT", "MR", "PT", "US"}
+
+
+def check_modality(folder: str | os.PathLike, model_modality: str, model_id: str) -> None:
+    """Refuse a DICOM series whose Modality names another kind of scan than the model's (an MR series
+    for a CT model). Series without a Modality, or with one that names no scan kind (OT, SC), and
+    models of modality 'other' are left to the intensity check (``checks.modality_warnings``)."""
+    series = one_series(folder)
+    if model_modality in SCAN_MODALITIES and series.modality in SCAN_MODALITIES and \
+            series.modality != model_modality:
+        raise UNetSegError(f"The DICOM series in '{series.folder}' is {series.modality} (its Modality "
+                           f"attribute), but model '{model_id}' segments {model_modality} scans; give a "
+                           f"{model_modality} series, or choose a model for {series.modality}.")
+
+
 def read_series(series: DicomSeries) -> sitk.Image:
     """The series as one volume, after its slice geometry has been checked."""
     check_slice_geometry(series.files)

@@ -235,26 +235,35 @@ def _window_of(meta: dict[str, Any]) -> list[float] | None:
     return [norm["level"], norm["width"]] if norm["method"] == "ct_window" else None
 
 
-def load_package(path: str | os.PathLike) -> ModelPackage:
-    """Read and validate the package folder at ``path``."""
+def load_package(path: str | os.PathLike, validate: bool = True) -> ModelPackage:
+    """Read and validate the package folder at ``path`` (``validate=False``: read it only, to list
+    models where jsonschema is not installed yet; validate before use)."""
     path = Path(path)
     meta_path = path / METADATA_FILE
     if not meta_path.is_file():
         raise UNetSegError(f"'{path}' is not a model package: it has no {METADATA_FILE}.")
     meta = read_metadata(meta_path)
-    validate_metadata(meta, str(meta_path))
+    if validate:
+        validate_metadata(meta, str(meta_path))
+    else:
+        try:
+            ModelPackage(path, meta).summary()
+        except (KeyError, TypeError, IndexError) as error:
+            raise UNetSegError(f"'{meta_path}' is not a model description ({error!r}).") from None
     return ModelPackage(path, meta)
 
 
-def scan_models(versions: bool = True) -> tuple[list[ModelPackage], list[tuple[Path, str]]]:
+def scan_models(versions: bool = True, validate: bool = True
+                ) -> tuple[list[ModelPackage], list[tuple[Path, str]]]:
     """Every valid package on the search path (the first of each id wins), and the folders skipped
     with the reason: an invalid package, or a user-folder package claiming a shipped model's id.
 
     ``versions``: a model with an active fine-tuned version (``modelversions``) is listed as that
-    version; False lists the base packages themselves."""
+    version; False lists the base packages themselves. ``validate=False`` reads the metadata without
+    the schema (``load_package``)."""
     found: dict[str, ModelPackage] = {}
     skipped: list[tuple[Path, str]] = []
-    reserved = shipped_model_ids()
+    reserved = shipped_model_ids(validate)
     for folder in model_search_path():
         if not folder.is_dir():
             continue
@@ -263,7 +272,7 @@ def scan_models(versions: bool = True) -> tuple[list[ModelPackage], list[tuple[P
             if child.name.startswith(".") or not (child / METADATA_FILE).is_file():
                 continue
             try:
-                package = load_package(child)
+                package = load_package(child, validate)
             except UNetSegError as error:
                 skipped.append((child, str(error)))
                 continue
@@ -296,13 +305,13 @@ def list_models() -> list[ModelPackage]:
     return scan_models()[0]
 
 
-def shipped_model_ids() -> set[str]:
+def shipped_model_ids(validate: bool = True) -> set[str]:
     """Ids of the models that ship with the extension; no user package may take them over."""
     folder = shipped_models_dir()
     ids = set()
     for child in sorted(folder.iterdir()) if folder.is_dir() else []:
         try:
-            ids.add(load_package(child).id)
+            ids.add(load_package(child, validate).id)
         except UNetSegError:
             continue
     return ids

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from .checks import check_settings, modality_warnings
+from .dicomseries import check_modality
 from .errors import UNetSegError
 from .imageio import read_image
 from .outputs import LABEL_EXTENSIONS, SEG_EXTENSION, check_output_path, write_label_map
@@ -20,7 +21,8 @@ class TerminalProgress:
     def __init__(self, stream=None, quiet: bool = False) -> None:
         # sys.stderr is looked up now, not at import: it may have been replaced since
         self.stream, self.quiet = stream or sys.stderr, quiet
-        self.stage, self.last_percent = None, -1
+        self.stage: str | None = None
+        self.last_percent = -1
         self.tty = hasattr(stream, "isatty") and stream.isatty()
 
     def __call__(self, stage: str, fraction: float) -> None:
@@ -155,6 +157,9 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
         names = ", ".join(i["name"] for i in package.meta["inputs"])
         raise UNetSegError(f"Model '{package.id}' takes {n_expected} input volume(s) ({names}); "
                            f"{len(inputs)} were given.")
+    for path in inputs:
+        if Path(path).is_dir():  # a DICOM series says what it is: an MR series for a CT model is refused
+            check_modality(path, package.meta["modality"], package.id)
     dicom = dicom_source(inputs[0]) if kind == "dicom-seg" else None
     progress = TerminalProgress(quiet=quiet)
     progress("reading input", 0.0)

@@ -17,6 +17,7 @@ Each transform is applied in turn (exactly what ``Compose`` does) so its time ca
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -72,7 +73,7 @@ class ReferencePipeline:
         inference = meta["inference"]
         self.roi_size = tuple(int(v) for v in inference["patch_size"])  # (x, y, z) = MONAI's order
         self.sw_batch_size = int(inference.get("sw_batch_size", 2))
-        self.network = None
+        self.network: Callable[[Any], Any] | None = None
 
     def load(self) -> None:
         """Build the network and load the package's weights (what a MONAI user does)."""

@@ -117,6 +117,18 @@ def openkbp():
     return case
 
 
+@pytest.fixture(scope="session")
+def syntheticCtFile(tmp_path_factory):
+    """A CT-like volume with an oblique direction, a flipped axis and anisotropic voxels, as a file for
+    Slicer's reader: the suites that check geometry and the path, not anatomy, run without the data.
+    Large enough (448 x 384 x 320 mm) that a 0.9-overlap run takes seconds (the cancel tests)."""
+    from helpers import OBLIQUE_FLIPPED, synthetic_ct_file
+
+    return synthetic_ct_file(tmp_path_factory.mktemp("synthetic"), "synthetic_ct.nrrd",
+                             shape_kji=(64, 128, 128), spacing=(3.5, 3.0, 5.0),
+                             direction=OBLIQUE_FLIPPED)
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     """Overrides the engine suites' OMP_NUM_THREADS=2: the worker inherits the caller's setting (run

@@ -61,8 +61,8 @@ def panel(scene, logic, twoChannelModel):
 
 
 @pytest.fixture
-def ct(scene, openkbp):
-    return loadVolumeFile(openkbp[0], "pt_201 CT")
+def ct(scene, syntheticCtFile):
+    return loadVolumeFile(syntheticCtFile, "Synthetic CT")
 
 
 def newPanel(module):

@@ -78,7 +78,7 @@ def plan_experiment(fp: dict[str, Any], modality: str, *, architecture: str = "U
             window = ((lo + hi) / 2.0, hi - lo)
         normalization = {"method": "ct_window", "level": round(float(window[0]), 1),
                          "width": round(float(window[1]), 1)}
-        crop = {"enabled": True, "threshold": -500.0, "margin_mm": 10.0}
+        crop: dict[str, Any] = {"enabled": True, "threshold": -500.0, "margin_mm": 10.0}
     else:
         normalization = {"method": "zscore"}
         crop = {"enabled": False, "threshold": None, "margin_mm": 0.0}

@@ -96,7 +96,7 @@ def gate(pairs: list[tuple[str, float, float]]) -> dict[str, Any]:
     change = float(np.mean([q - f for _, f, q in pairs]))
     labels = sorted({name for name, _, _ in pairs}, key=[p[0] for p in pairs].index)
     per_label = {name: float(np.mean([q - f for n, f, q in pairs if n == name])) for name in labels}
-    worst = min(per_label, key=per_label.get)
+    worst = min(per_label, key=lambda name: per_label[name])
     reasons = []
     if change < -MAX_MEAN_DROP:
         reasons.append(f"the mean Dice drops by {-change:.4f} (at most {MAX_MEAN_DROP} allowed)")

@@ -18,8 +18,10 @@ from collections.abc import Callable
 MINIMUM_TORCH = "2.4.1"
 # What the worker imports besides torch and SimpleITK, with the bounds of pyproject.toml (the command
 # line's list; Testing/test_requirements.py checks the two agree). psutil: the worker checks free memory
-# before reading the input.
-REQUIREMENTS = ["monai>=1.4", "scipy>=1.10", "jsonschema>=4.18", "numpy>=1.24", "psutil>=5.9"]
+# before reading the input; dynamic-network-architectures builds the networks of imported nnU-Net models
+# (pure Python, on torch and numpy only).
+REQUIREMENTS = ["monai>=1.4", "scipy>=1.10", "jsonschema>=4.18", "numpy>=1.24", "psutil>=5.9",
+                "dynamic-network-architectures>=0.3"]
 # pyproject.toml's other runtime dependencies, and why the module does not install them.
 NOT_INSTALLED = {
     "torch": "comes through Slicer's PyTorch extension (MINIMUM_TORCH)",

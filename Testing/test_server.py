@@ -70,8 +70,10 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("server-models")
     fast = make_package(root / "tiny-serve", tiny_meta("tiny-serve"), bias={1: 2.0, 2: 1.0})
     meta = tiny_meta("tiny-slow")
-    meta["preprocessing"]["spacing_mm"] = [3.0, 3.0, 3.0]
-    meta["inference"]["overlap"] = 0.5
+    # slow enough on an idle machine too (at 3 mm and overlap 0.5 a quiet CI machine finished the job
+    # between two status polls): 1.5 mm and overlap 0.75, about 64 times the fast model's windows
+    meta["preprocessing"]["spacing_mm"] = [1.5, 1.5, 1.5]
+    meta["inference"]["overlap"] = 0.75
     slow = make_package(root / "tiny-slow", meta, bias={1: 2.0, 2: 1.0})
     return fast, slow
 

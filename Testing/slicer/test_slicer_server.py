@@ -47,7 +47,10 @@ def test_a_server_run_gives_the_local_segments(remote, logic, ct):
                            local.GetSegmentation().GetNthSegment(b).GetColor())
     remoteLabels, localLabels = exportLabels(onServer, ct), exportLabels(local, ct)
     assert localLabels.any() and np.array_equal(remoteLabels, localLabels)
-    assert "uploading to the server" in stages and "inference" in stages
+    # the client's own stages around the server's, relayed from its status polls (a poll may miss
+    # a short stage such as inference on a quiet machine; the engine's "done" is always reported)
+    assert stages[0] == "uploading to the server" and "done" in stages
+    assert stages.index("done") < stages.index("downloading the result")
     assert remote.job.device.startswith("server http://127.0.0.1:")
     assert "upload_s" in remote.job.timings
 

@@ -9,7 +9,7 @@ and counts the flags raised on the clean scans.
 
     PYTHONPATH=SlicerUNetSeg python scripts/confidence_vs_dice.py \\
         --dataset ../shared/data/openkbp_hn_oar --dataset ../shared/data/openkbp_hn_oar_partial \\
-        --mirrored -o /tmp/confidence   # writes pairs.csv, summary.json, confidence_vs_dice.png
+        --mirrored -o runs/confidence   # writes pairs.csv, summary.json, confidence_vs_dice.png
 
 (About 7 minutes on 2 CPU cores; ``--mirrored`` doubles it. The README's figure is
 ``docs/confidence-vs-dice.png``, a copy of confidence_vs_dice.png.)

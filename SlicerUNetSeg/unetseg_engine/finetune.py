@@ -178,7 +178,8 @@ def candidate_metadata(old, trained, train_cases: list[str], dataset,
                        gate_record: dict[str, Any] | None, version: str) -> dict[str, Any]:
     """The old model's metadata (labels, colours, terminology, postprocessing, inference) with the new
     weights, version and a training record that says what it was fine-tuned on."""
-    meta = {k: v for k, v in old.meta.items() if k != "performance"}
+    # not the old performance, nor its int8 graph (quantised from the old weights; none is copied)
+    meta = {k: v for k, v in old.meta.items() if k not in ("performance", "int8")}
     previous = old.meta.get("training", {})
     new_training = trained.meta["training"]
     meta["version"] = version

@@ -374,15 +374,21 @@ def import_model(source: str | os.PathLike, destination: Path | None = None,
             for name in package.files:
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(root / name, staging / name)
-            if target.is_symlink():  # replace the link, never the folder it points to
-                target.unlink()
-            elif target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
+            replace_with_staged(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return load_package(target)
+
+
+def replace_with_staged(staging: Path, target: Path) -> None:
+    """Put a completely written staging folder in place of ``target`` (an installed package, if any):
+    a link is replaced, never the folder it points to."""
+    if target.is_symlink():
+        target.unlink()
+    elif target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
 
 
 def write_package(folder: str | os.PathLike, meta: dict[str, Any], state_dict: dict[str, Any],

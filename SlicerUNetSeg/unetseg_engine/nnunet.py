@@ -427,6 +427,7 @@ def import_nnunet(folder: str | os.PathLike, licence: str, folds: list[int] | No
     from .modelpkg import (
         METADATA_FILE,
         load_package,
+        replace_with_staged,
         sha256_of,
         shipped_model_ids,
         user_models_dir,
@@ -497,11 +498,7 @@ def import_nnunet(folder: str | os.PathLike, licence: str, folds: list[int] | No
         staging.chmod(0o755)
         (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         check_package_runs(load_package(staging))
-        if target.is_symlink():
-            target.unlink()
-        elif target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        replace_with_staged(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

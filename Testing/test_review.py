@@ -238,16 +238,19 @@ def test_model_stats_command_keeps_the_package_valid(tmp_path, capsys):
 def test_worker_returns_the_review_and_the_uncertainty_map(tiny_package, tmp_path):
     from unetseg_engine.worker import Worker
 
+    from unetseg_engine.workerprotocol import parse_request
+
     voxels = np.random.default_rng(0).integers(-1000, 1000, (20, 24, 24)).astype(np.int16)
-    sitk.WriteImage(sitk.GetImageFromArray(voxels), str(tmp_path / "input.nrrd"), useCompression=False)
+    image = sitk.GetImageFromArray(voxels)
+    image.SetSpacing((2.0, 2.0, 3.0))
+    image.SetOrigin((1.0, 2.0, 3.0))  # the header carries the geometry
+    sitk.WriteImage(image, str(tmp_path / "input.nrrd"), useCompression=False)
     request = {"cmd": "segment", "id": "job", "model": str(tiny_package.path), "device": "cpu",
-               "runtime": "torch", "uncertainty": True,
-               "inputs": [{"path": str(tmp_path / "input.nrrd"), "spacing": [2.0, 2.0, 3.0],
-                           "origin": [1.0, 2.0, 3.0], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}],
+               "runtime": "torch", "uncertainty": True, "inputs": [{"path": str(tmp_path / "input.nrrd")}],
                "output_dir": str(tmp_path / "out")}
     out = io.StringIO()
     worker = Worker(out)
-    worker.segment(request)
+    worker.segment(parse_request(request))
     done = [json.loads(line) for line in out.getvalue().splitlines()][-1]
     assert done["event"] == "done", done
     assert [e["name"] for e in done["review"]] == ["Structure1", "Structure2", "Structure3"]
@@ -255,6 +258,6 @@ def test_worker_returns_the_review_and_the_uncertainty_map(tiny_package, tmp_pat
     assert u.GetSize() == (24, 24, 20) and u.GetSpacing() == (2.0, 2.0, 3.0) and u.GetOrigin() == (1, 2, 3)
     out.seek(0)
     out.truncate()
-    worker.segment(dict(request, uncertainty=False, id="job2"))
+    worker.segment(parse_request(dict(request, uncertainty=False, id="job2")))
     done = [json.loads(line) for line in out.getvalue().splitlines()][-1]
     assert done["uncertainty"] is None and len(done["review"]) == 3

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from helpers import REPO
 from unetseg_engine import inference
 from unetseg_engine.worker import Worker
+from unetseg_engine.workerprotocol import parse_request
 
 
 def test_requests_that_are_json_but_not_objects_get_an_error_and_the_worker_keeps_serving():
@@ -40,10 +41,9 @@ def test_cancel_during_model_loading_stops_before_preprocessing(tiny_package, tm
     image = sitk.GetImageFromArray(voxels)
     image.SetSpacing((2.0, 2.0, 3.0))
     sitk.WriteImage(image, str(tmp_path / "input.nrrd"), useCompression=False)
-    request = {"cmd": "segment", "id": "job", "model": str(tiny_package.path), "device": "cpu",
-               "inputs": [{"path": str(tmp_path / "input.nrrd"), "spacing": [2.0, 2.0, 3.0],
-                           "origin": [0.0, 0.0, 0.0], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}],
-               "output_dir": str(tmp_path / "out")}
+    request = parse_request({"cmd": "segment", "id": "job", "model": str(tiny_package.path), "device": "cpu",
+                             "inputs": [{"path": str(tmp_path / "input.nrrd")}],
+                             "output_dir": str(tmp_path / "out")})
     out = io.StringIO()
     worker = Worker(out)
     real_load = inference.Predictor.load

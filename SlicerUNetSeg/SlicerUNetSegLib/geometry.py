@@ -61,12 +61,14 @@ def checkVolume(volumeNode, what: str = "input volume"):
     return transformNode
 
 
-def writeVolumeForWorker(volumeNode, path: str) -> dict:
-    """Write the voxels as an uncompressed .nrrd and return the worker's input record (path + geometry).
+def writeVolumeForWorker(volumeNode, path: str) -> dict[str, str]:
+    """Write the voxels as an uncompressed .nrrd and return the worker's input record
+    (``workerprotocol.InputVolume``: path and name).
 
-    Slicer's own NRRD writer writes the node's image data as it is (no copy of the voxels is made);
-    the worker takes the geometry from the record, which is the volume's local IJK-to-RAS in LPS. The
-    user's volume is only read.
+    Slicer's own NRRD writer writes the node's image data as it is (no copy of the voxels is made) and
+    its local IJK-to-RAS as LPS space directions and origin (the same numbers ``lpsGeometry`` gives):
+    that header is the one place the geometry travels to the worker, so voxels and grid cannot part.
+    The user's volume is only read.
     """
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()  # not added to the scene
     storage.SetFileName(str(path))
@@ -74,9 +76,7 @@ def writeVolumeForWorker(volumeNode, path: str) -> dict:
     if not storage.WriteData(volumeNode):
         raise UNetSegError(f"Could not write the input volume '{volumeNode.GetName()}' to '{path}' for "
                            "the engine (is the temporary folder full?).")
-    spacing, origin, direction = lpsGeometry(volumeNode)
-    return {"path": path, "spacing": spacing, "origin": origin, "direction": direction,
-            "name": volumeNode.GetName()}
+    return {"path": str(path), "name": volumeNode.GetName()}
 
 
 def loadVolumeFile(path: str, name: str | None = None, labelmap: bool = False, scene=None):

@@ -108,8 +108,6 @@ class ServerRunner:
     def _run(self, request: dict[str, Any]) -> None:
         import SimpleITK as sitk
 
-        from unetseg_engine.imageio import image_from_array
-
         jobId = str(request["id"])
 
         def progress(stage: str, fraction: float) -> None:
@@ -122,10 +120,9 @@ class ServerRunner:
             out = Path(request["output_dir"])
             out.mkdir(parents=True, exist_ok=True)
             upload = out / "input.nrrd"
-            array = sitk.GetArrayFromImage(sitk.ReadImage(item["path"]))
-            image = image_from_array(array, item["spacing"], item["origin"], item["direction"])
+            image = sitk.ReadImage(item["path"])  # its header holds the geometry (workerprotocol)
             sitk.WriteImage(image, str(upload), useCompression=True)
-            del array, image
+            del image
             if self.cancelRequested.is_set():
                 raise CancelledError()
             progress("uploading to the server", 0.0)

@@ -15,6 +15,12 @@ exits with 1 after printing ``error: [...] exit abnormally`` when that child cra
 of input), then kills the whole tree: its process group on POSIX (the worker is started in a session
 of its own), and every psutil descendant where psutil is available (Windows). Each started worker is
 a ``_Worker`` object, and events are matched to it by identity: ``id()`` of a dead Popen is reused.
+
+The messages are ``unetseg_engine.workerprotocol``'s, the definitions the worker uses too: a request is
+checked before it is sent (a bad one raises ``ProtocolError`` here, in the caller), and each event is
+read back into its dataclass, so a worker of another protocol version, or a line that is no event, is
+reported as an error instead of being half understood. ``poll`` hands events over as their JSON objects
+(``workerprotocol.to_json``), the form the logic reads.
 """
 
 from __future__ import annotations
@@ -33,6 +39,21 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from unetseg_engine.errors import UNetSegError
+from unetseg_engine.workerprotocol import (
+    PROTOCOL_VERSION,
+    CancelRequest,
+    ErrorEvent,
+    FinetuneRequest,
+    HelloRequest,
+    ProtocolError,
+    QuitRequest,
+    ReadyEvent,
+    SegmentRequest,
+    parse_event,
+    parse_request,
+    to_json,
+    to_line,
+)
 
 MODULE_DIR = Path(__file__).resolve().parent.parent  # holds the unetseg_engine package
 
@@ -78,7 +99,7 @@ OUT_OF_MEMORY_HINT = (" It was probably out of memory: close other programs, cro
 class _Worker:
     """One started worker process (tree). Compared by identity; ``generation`` counts starts."""
 
-    def __init__(self, popen: subprocess.Popen, generation: int) -> None:
+    def __init__(self, popen: subprocess.Popen[str], generation: int) -> None:
         self.popen = popen
         self.generation = generation
         self.pid: int | None = None  # the engine's own process (python-real under Slicer's launcher)
@@ -89,7 +110,7 @@ class _Worker:
         return self.popen.poll() is None
 
 
-def killProcessTree(popen: subprocess.Popen) -> None:
+def killProcessTree(popen: subprocess.Popen[str]) -> None:
     """Kill a process and all its descendants without waiting for them (the reader thread reaps).
 
     Descendants are listed before anything is killed: once the launcher is dead its children are
@@ -146,6 +167,7 @@ class WorkerRunner:
         self.worker: _Worker | None = None
         self.events: queue.Queue[tuple[_Worker, dict[str, Any]]] = queue.Queue()
         self.activeId: str | None = None
+        self.activeCommand: str | None = None  # "segment" or "finetune": what a "done" carries
         self.cancelDeadline: float | None = None
         self.starts = 0
 
@@ -185,6 +207,7 @@ class WorkerRunner:
         threading.Thread(target=self._readStdout, args=(worker,), daemon=True).start()
 
     def _readStdout(self, worker: _Worker) -> None:
+        assert worker.popen.stdout is not None  # opened with stdout=PIPE
         for line in worker.popen.stdout:
             try:
                 event = json.loads(line)
@@ -201,36 +224,45 @@ class WorkerRunner:
 
     @staticmethod
     def _readStderr(worker: _Worker) -> None:
+        assert worker.popen.stderr is not None  # opened with stderr=PIPE
         try:
             for line in worker.popen.stderr:
                 worker.stderrTail.append(line.rstrip())
         finally:
             worker.stderrDone.set()
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: HelloRequest | QuitRequest | CancelRequest | SegmentRequest |
+              FinetuneRequest) -> None:
+        worker = self.worker
+        if worker is None or worker.popen.stdin is None:
+            return
         try:
-            self.worker.popen.stdin.write(json.dumps(message) + "\n")
-            self.worker.popen.stdin.flush()
-        except (BrokenPipeError, OSError, AttributeError, ValueError):
+            worker.popen.stdin.write(to_line(message))
+            worker.popen.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
             pass  # the exit is noticed by the stdout reader and reported by poll()
 
     # ---- InferenceRunner --------------------------------------------------------------------------
     def start(self, request: dict[str, Any]) -> None:
         if self.activeId is not None:
             raise RuntimeError("A segmentation is already running; cancel it or wait for it to finish.")
+        # checked before anything starts; a request may name another command (finetune)
+        message = parse_request({"cmd": "segment", **request})
+        if not isinstance(message, (SegmentRequest, FinetuneRequest)):
+            raise ProtocolError(f"start() takes a segment or finetune request, not '{message.cmd}'.")
         self._ensureProcess()
-        self.activeId = str(request["id"])
+        self.activeId, self.activeCommand = message.id, message.cmd
         self.cancelDeadline = None
-        self._send({"cmd": "segment", **request})  # a request may name another command (finetune)
+        self._send(message)
 
     def requestInfo(self) -> None:
         self._ensureProcess()
-        self._send({"cmd": "hello"})
+        self._send(HelloRequest())
 
     def cancel(self) -> None:
         if self.activeId is None:
             return
-        self._send({"cmd": "cancel", "id": self.activeId})
+        self._send(CancelRequest(id=self.activeId))
         if self.cancelDeadline is None:
             self.cancelDeadline = time.monotonic() + self.cancelGraceS
 
@@ -238,55 +270,86 @@ class WorkerRunner:
         return self.activeId is not None
 
     def poll(self) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         while True:
             try:
-                worker, event = self.events.get_nowait()
+                worker, raw = self.events.get_nowait()
             except queue.Empty:
                 break
             if worker is not self.worker:
                 continue  # the last words of a worker that was stopped
-            if event.get("event") == "_exited":
-                out.extend(self._onExit(worker, event.get("code")))
+            if raw.get("event") == "_exited":
+                out.extend(self._onExit(worker, raw.get("code")))
                 continue
-            if event.get("event") == "ready":
-                worker.pid = event.get("pid")
-            if event.get("event") in ("done", "error") and str(event.get("id")) == self.activeId:
-                self.activeId, self.cancelDeadline = None, None
-            out.append(event)
+            out.extend(self._onEvent(worker, raw))
         if self.activeId is not None and self.cancelDeadline is not None and \
                 time.monotonic() > self.cancelDeadline:
             jobId = self.activeId
             self._kill()
-            out.append({"event": "error", "id": jobId, "kind": "cancelled",
-                        "message": "Segmentation was cancelled (the worker was stopped)."})
+            out.append(to_json(ErrorEvent(id=jobId, kind="cancelled",
+                                          message="Segmentation was cancelled (the worker was stopped).")))
         return out
+
+    def _onEvent(self, worker: _Worker, raw: dict[str, Any]) -> list[dict[str, Any]]:
+        """One event of the current worker, read into its protocol dataclass and handed on as JSON."""
+        forActive = self.activeId is not None and str(raw.get("id")) == self.activeId
+        try:
+            event = parse_event(raw, answering=self.activeCommand if forActive else None)
+        except ProtocolError as error:
+            worker.stderrTail.append(f"unreadable event: {error}")
+            if not forActive and raw.get("event") != "ready":
+                return []  # nobody waits for it: kept in the log only
+            return self._refuse(f"The segmentation process sent a message this module cannot read "
+                                f"({error}). Is it another version of the extension? Restart Slicer; "
+                                f"if it persists, reinstall the extension.")
+        if isinstance(event, ReadyEvent):
+            worker.pid = event.pid
+            if event.protocol != PROTOCOL_VERSION:
+                return self._refuse(f"The segmentation process speaks protocol {event.protocol}, this "
+                                    f"module {PROTOCOL_VERSION}: they come from different versions of "
+                                    "the extension. Restart Slicer; if it persists, reinstall it.")
+        if isinstance(event, ErrorEvent) and event.id is None and self.activeId is not None:
+            # the worker refused a line whose id it could not read: the one it was sent is the active one
+            event = ErrorEvent(id=self.activeId, kind=event.kind, message=event.message,
+                               traceback=event.traceback, details=event.details)
+        if getattr(event, "event", None) in ("done", "error") and getattr(event, "id", None) == self.activeId:
+            self.activeId, self.activeCommand, self.cancelDeadline = None, None, None
+        return [to_json(event)]
+
+    def _refuse(self, message: str) -> list[dict[str, Any]]:
+        """Stop a worker that cannot be understood; the active request (if any) fails with ``message``."""
+        jobId = self.activeId
+        self._kill()
+        if jobId is None:
+            return []
+        return [to_json(ErrorEvent(id=jobId, kind="internal", message=message))]
 
     def _onExit(self, worker: _Worker, code: int | None) -> list[dict[str, Any]]:
         self.worker = None
         if self.activeId is None:
             return []
-        jobId, self.activeId = self.activeId, None
+        jobId, self.activeId, self.activeCommand = self.activeId, None, None
         if self.cancelDeadline is not None:
             self.cancelDeadline = None
-            return [{"event": "error", "id": jobId, "kind": "cancelled",
-                     "message": "Segmentation was cancelled."}]
+            return [to_json(ErrorEvent(id=jobId, kind="cancelled", message="Segmentation was cancelled."))]
         lines = list(worker.stderrTail)
         launcherSawCrash = code == 1 and any(LAUNCHER_CRASH_TEXT in line for line in lines[-5:])
         hint = OUT_OF_MEMORY_HINT if code in KILLED_EXIT_CODES or launcherSawCrash else ""
-        return [{"event": "error", "id": jobId, "kind": "crashed",
-                 "message": f"The segmentation process stopped unexpectedly (exit code {code}).{hint} "
-                            f"Slicer and the scene are unaffected; press Segment to try again.",
-                 "details": "\n".join(lines[-8:])}]
+        return [to_json(ErrorEvent(
+            id=jobId, kind="crashed",
+            message=f"The segmentation process stopped unexpectedly (exit code {code}).{hint} "
+                    f"Slicer and the scene are unaffected; press Segment to try again.",
+            details="\n".join(lines[-8:])))]
 
     def _kill(self) -> None:
         """Stop the current worker tree at once, without waiting (its reader thread reaps it)."""
         worker, self.worker = self.worker, None
-        self.activeId, self.cancelDeadline = None, None
+        self.activeId, self.activeCommand, self.cancelDeadline = None, None, None
         if worker is None:
             return
         try:
-            worker.popen.stdin.close()
+            if worker.popen.stdin is not None:
+                worker.popen.stdin.close()
         except (OSError, ValueError):
             pass
         killProcessTree(worker.popen)
@@ -295,9 +358,10 @@ class WorkerRunner:
         worker = self.worker
         if worker is None:
             return
-        self._send({"cmd": "quit"})
+        self._send(QuitRequest())
         try:
-            worker.popen.stdin.close()  # end of input: the worker exits, its children with it
+            if worker.popen.stdin is not None:
+                worker.popen.stdin.close()  # end of input: the worker exits, its children with it
         except (OSError, ValueError):
             pass
         try:

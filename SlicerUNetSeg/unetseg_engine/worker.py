@@ -8,40 +8,25 @@ Protocol: JSON lines (UTF-8). The parent writes one request per line on stdin; t
 event per line on its *original* stdout. Everything else (library prints, warnings) goes to stderr,
 so nothing a library prints can corrupt the protocol.
 
-Requests
-  ``{"cmd": "hello"}`` -> ``{"event": "hello", "python", "torch", "cuda", "cuda_available",
-  "gpu_name", "monai", "pid"}``
-  ``{"cmd": "segment", "id": str, "model": id or package folder or null, "device": "auto|cpu|cuda",
-  "runtime": "auto|torch|openvino|onnxruntime" (default auto), "window": [level, width] or null,
-  "overlap", "sw_batch_size", "tta", "postprocess", "uncertainty" (bool, default false),
-  "inputs": [{"path": uncompressed .nrrd, "spacing": [x, y, z], "origin": [x, y, z] (LPS),
-  "direction": 9 numbers, row-major, columns = i, j, k axes in LPS}], "output_dir": folder}``.
-  The voxels are read from the file in (k, j, i) order; the geometry given in the request is
-  authoritative (the Slicer side owns IJK-to-RAS and converts it to LPS).
-  ``{"cmd": "finetune", "id": str, "model": id or folder, "dataset": folder, "output": new run folder,
-  "validation_dataset": folder or null, "settings": {FinetuneSettings fields}}``: ``unetseg finetune``
-  (train, evaluate both, install only if not worse); ``done`` carries ``"result"``
-  (``FinetuneResult.to_json()``: accepted, gate figures, versions, paths). Cancel stops it between
-  training iterations and evaluation windows; nothing is installed after a cancel.
-  ``{"cmd": "cancel", "id": str}``: handled at once by the reader thread; the run checks it between
-  its stages (reading, finding the model, loading it, preprocessing, resampling back) and between
-  sliding windows, so it stops within about one window's or one stage's time.
-  ``{"cmd": "quit"}``, or end of stdin: the worker exits.
+The messages are the dataclasses of ``workerprotocol`` (version ``PROTOCOL_VERSION``), which the
+Slicer side's ``workerRunner`` imports too; a line that is not one of them is answered with an error
+event that says what is wrong, and the worker keeps serving.
 
-Events
-  ``{"event": "progress", "id", "stage", "fraction"}``
-  ``{"event": "done", "id", "label_map": path of a .nrrd on the first input's grid, "masks":
-  {value: {"path": .npy of a bool (k, j, i) array, "start": [i, j, k], "size": [i, j, k]}} or null,
-  "timings", "device", "runtime" (which ran the network), "messages", "model", "warm",
-  "review": [per label {"value", "name", "volume_ml", "confidence", "flags": [{"code", "message"}],
-  "focus_ras", "measures"}] (always; ``review.py``), "uncertainty": path of uncertainty.nrrd (uint8 on
-  the first input's grid) when the request asked for it, else null}``
-  ``{"event": "error", "id", "kind": "user" | "cancelled" | "internal", "message"}``
+Requests: ``hello`` (answered with the versions and the GPU), ``segment`` (one scan: the input files'
+headers carry the geometry), ``finetune`` (``unetseg finetune``: train, evaluate both, install only if
+not worse), ``cancel`` (handled at once by the reader thread; the run checks it between its stages and
+between sliding windows, so it stops within about one window's or one stage's time; nothing is
+installed after a cancelled fine-tune), ``quit`` (or the end of stdin: the worker exits).
+
+Events: ``ready`` (first, with the pid and the protocol version), ``hello``, ``progress``, ``done``
+(``SegmentDone`` or ``FinetuneDone``) and ``error`` (kind ``user``, ``cancelled`` or ``internal``).
+
+Memory: each input is held once, as the ``SimpleITK.Image`` read from its file (with the header's
+geometry); the predictor takes its arrays from it as views.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import queue
@@ -49,10 +34,51 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .errors import CancelledError, UNetSegError
+from .workerprotocol import (
+    PROTOCOL_VERSION,
+    CancelRequest,
+    ErrorEvent,
+    Event,
+    FinetuneDone,
+    FinetuneRequest,
+    HelloEvent,
+    HelloRequest,
+    MaskFile,
+    ProgressEvent,
+    ProtocolError,
+    QuitRequest,
+    ReadyEvent,
+    Request,
+    RunSettings,
+    SegmentDone,
+    SegmentRequest,
+    parse_request,
+    to_line,
+)
+
+if TYPE_CHECKING:
+    from .inference import Predictor
+
+ProgressCallback = Callable[[str, float], None]
+
+
+def apply_run_settings(predictor: Predictor, settings: RunSettings) -> None:
+    """The one place a (possibly warm) predictor's per-run settings change: checked first with the
+    bounds its constructor applies (``checks.check_settings``), so a bad overlap is refused before
+    anything changes, on a cached predictor as on a new one."""
+    from .checks import check_settings
+
+    check_settings(overlap=settings.overlap, sw_batch_size=settings.sw_batch_size)
+    predictor.overlap = settings.overlap
+    predictor.sw_batch_size = settings.sw_batch_size
+    predictor.tta = settings.tta
+    predictor.postprocess = settings.postprocess
+    predictor.uncertainty = settings.uncertainty
 
 
 class Worker:
@@ -61,15 +87,16 @@ class Worker:
     def __init__(self, out: TextIO) -> None:
         self.out = out
         self.write_lock = threading.Lock()
-        self.requests: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.requests: queue.Queue[Request] = queue.Queue()
         self.cancelled: set[str] = set()
-        self.predictor = None
+        self.predictor: Predictor | None = None
         self.predictor_key: tuple[str, str] | None = None  # (device, runtime) it was built for
 
     # ---- I/O --------------------------------------------------------------------------------------
-    def emit(self, **event: Any) -> None:
+    def emit(self, event: Event) -> None:
+        line = to_line(event)
         with self.write_lock:
-            self.out.write(json.dumps(event) + "\n")
+            self.out.write(line)
             self.out.flush()
 
     def read_requests(self, stream: TextIO) -> None:
@@ -79,111 +106,108 @@ class Worker:
             if not line:
                 continue
             try:
-                request = json.loads(line)
-            except json.JSONDecodeError:
-                self.emit(event="error", id=None, kind="internal", message=f"Bad request line: {line!r}")
+                request = parse_request(line)
+            except ProtocolError as error:  # answer and keep serving
+                self.emit(ErrorEvent(id=_id_of(line), kind="internal", message=str(error)))
                 continue
-            if not isinstance(request, dict):  # valid JSON, but not a request: answer and keep serving
-                self.emit(event="error", id=None, kind="internal",
-                          message=f"Bad request (not a JSON object): {line[:200]!r}")
-                continue
-            if request.get("cmd") == "cancel":
-                self.cancelled.add(str(request.get("id")))
+            if isinstance(request, CancelRequest):
+                self.cancelled.add(request.id)
             else:
                 self.requests.put(request)
         self.cancelled.add("*")  # the parent went away: stop what runs and exit
-        self.requests.put({"cmd": "quit"})
+        self.requests.put(QuitRequest())
 
     # ---- requests ---------------------------------------------------------------------------------
     def serve(self) -> None:
         while True:
             request = self.requests.get()
-            cmd = request.get("cmd")
-            if cmd == "quit":
+            if isinstance(request, QuitRequest):
                 return
-            if cmd == "hello":
-                self.emit(event="hello", **environment_info())
-            elif cmd == "segment":
+            if isinstance(request, HelloRequest):
+                self.emit(environment_info())
+            elif isinstance(request, SegmentRequest):
                 self.segment(request)
-            elif cmd == "finetune":
-                self.run_job(request, self._finetune)
-            else:
-                self.emit(event="error", id=request.get("id"), kind="internal",
-                          message=f"Unknown command {cmd!r}")
+            elif isinstance(request, FinetuneRequest):
+                self.run_job(request.id, lambda: self._finetune(request))
 
-    def _predictor(self, request: dict[str, Any]):
+    def _predictor(self, request: SegmentRequest) -> Predictor:
         from .inference import Predictor
 
-        key = (request.get("device") or "auto", request.get("runtime") or "auto")
+        settings = request.settings
+        key = (request.device, request.runtime)
         if self.predictor is None or self.predictor_key != key:
             self.predictor = Predictor(device=key[0], runtime=key[1])
             self.predictor_key = key
-        p = self.predictor
-        p.overlap = request.get("overlap")
-        p.sw_batch_size = request.get("sw_batch_size")
-        p.tta = bool(request.get("tta", False))
-        p.postprocess = bool(request.get("postprocess", True))
-        p.uncertainty = bool(request.get("uncertainty", False))
-        return p
+        apply_run_settings(self.predictor, settings)
+        return self.predictor
 
-    def segment(self, request: dict[str, Any]) -> None:
-        self.run_job(request, self._segment)
+    def segment(self, request: SegmentRequest) -> None:
+        self.run_job(request.id, lambda: self._segment(request))
 
-    def run_job(self, request: dict[str, Any], run) -> None:
-        """``run(job, request)`` -> the done event's fields; every failure becomes an error event."""
-        job = str(request.get("id"))
+    def run_job(self, job: str, run: Callable[[], Event]) -> None:
+        """``run()`` -> the done event; every failure becomes an error event."""
         try:
-            result = run(job, request)
+            result = run()
         except CancelledError as error:
-            self.emit(event="error", id=job, kind="cancelled", message=str(error))
+            self.emit(ErrorEvent(id=job, kind="cancelled", message=str(error)))
         except UNetSegError as error:
-            self.emit(event="error", id=job, kind="user", message=str(error))
+            self.emit(ErrorEvent(id=job, kind="user", message=str(error)))
         except MemoryError:
-            self.emit(event="error", id=job, kind="user",
-                      message="Out of memory. Close other programs, crop the volume to the region "
-                              "of interest, or use a machine with more memory.")
+            self.emit(ErrorEvent(id=job, kind="user",
+                                 message="Out of memory. Close other programs, crop the volume to the "
+                                         "region of interest, or use a machine with more memory."))
         except Exception as error:  # a bug: report it with its traceback instead of dying silently
             traceback.print_exc(file=sys.stderr)
-            self.emit(event="error", id=job, kind="internal",
-                      message=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+            self.emit(ErrorEvent(id=job, kind="internal", message=f"{type(error).__name__}: {error}",
+                                 traceback=traceback.format_exc()))
         else:
-            self.emit(event="done", id=job, **result)
+            self.emit(result)
         finally:
             self.cancelled.discard(job)
 
-    def _progress(self, job: str):
+    def _is_cancelled(self, job: str) -> bool:
+        return job in self.cancelled or "*" in self.cancelled
+
+    def _progress(self, job: str) -> ProgressCallback:
         """A progress callback that sends an event per stage and per 1 % (at most 10 a second)."""
-        last = {"stage": None, "fraction": -1.0, "time": 0.0}
+        last_stage: list[str | None] = [None]
+        last = [-1.0, 0.0]  # fraction, time
 
         def progress(stage: str, fraction: float) -> None:
             now = time.monotonic()
-            if stage != last["stage"] or fraction >= 1.0 or (
-                    fraction - last["fraction"] >= 0.01 and now - last["time"] > 0.1):
-                last.update(stage=stage, fraction=fraction, time=now)
-                self.emit(event="progress", id=job, stage=stage, fraction=round(float(fraction), 4))
+            if stage != last_stage[0] or fraction >= 1.0 or (
+                    fraction - last[0] >= 0.01 and now - last[1] > 0.1):
+                last_stage[0], last[0], last[1] = stage, fraction, now
+                self.emit(ProgressEvent(id=job, stage=stage, fraction=round(float(fraction), 4)))
 
         return progress
 
-    def _finetune(self, job: str, request: dict[str, Any]) -> dict[str, Any]:
+    def _finetune(self, request: FinetuneRequest) -> FinetuneDone:
         from .finetune import FinetuneSettings, _finite, finetune
 
-        settings = FinetuneSettings(**(request.get("settings") or {}))
-        result = finetune(request.get("model"), request["dataset"], request["output"], settings,
-                          validation_dataset=request.get("validation_dataset"),
+        job = request.id
+        try:
+            settings = FinetuneSettings(**request.settings)
+        except TypeError as error:
+            raise UNetSegError(f"Unknown fine-tuning setting ({error}); the settings are the fields of "
+                               "unetseg_engine.finetune.FinetuneSettings.") from None
+        result = finetune(request.model, request.dataset, request.output, settings,
+                          validation_dataset=request.validation_dataset,
                           progress=self._progress(job),
-                          cancel=lambda: job in self.cancelled or "*" in self.cancelled,
+                          cancel=lambda: self._is_cancelled(job),
                           log=lambda text: print(text, file=sys.stderr, flush=True))
-        return {"result": _finite(result.to_json()), "summary": result.summary()}
+        return FinetuneDone(id=job, result=_finite(result.to_json()), summary=result.summary())
 
-    def _segment(self, job: str, request: dict[str, Any]) -> dict[str, Any]:
+    def _segment(self, request: SegmentRequest) -> SegmentDone:
         import numpy as np
         import SimpleITK as sitk
 
-        from .imageio import image_from_array
         from .modelpkg import get_model
 
+        job = request.id
+
         def is_cancelled() -> bool:
-            return job in self.cancelled or "*" in self.cancelled
+            return self._is_cancelled(job)
 
         def check_cancelled() -> None:
             if is_cancelled():
@@ -195,17 +219,16 @@ class Worker:
         t = time.perf_counter()
         progress("reading input", 0.0)
         images = []
-        for index, item in enumerate(request["inputs"]):
-            try:
-                array = sitk.GetArrayFromImage(sitk.ReadImage(str(item["path"])))
+        for index, item in enumerate(request.inputs):
+            try:  # with the header's geometry: the one place it travels (see workerprotocol)
+                images.append(sitk.ReadImage(item.path))
             except RuntimeError as error:
                 raise UNetSegError(f"Could not read input volume {index + 1} ({error}).") from None
-            images.append(image_from_array(array, item["spacing"], item["origin"], item["direction"]))
             check_cancelled()
         timings["read_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        package = get_model(request.get("model"))
+        package = get_model(request.model)
         check_cancelled()
         predictor = self._predictor(request)  # imports torch the first time: seconds
         check_cancelled()
@@ -214,14 +237,13 @@ class Worker:
         predictor.load(package)
         timings["load_model_s"] = time.perf_counter() - t
         check_cancelled()
-        window = request.get("window")
-        result = predictor.predict(images, window=tuple(window) if window else None, progress=progress,
-                                   cancel=is_cancelled)
+        result = predictor.predict(images, window=request.window, progress=progress, cancel=is_cancelled)
+        del images  # the predictor keeps none of them: the input's memory goes before writing
         timings.update(result.timings)
         check_cancelled()
 
         t = time.perf_counter()
-        out_dir = Path(request["output_dir"])
+        out_dir = Path(request.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         label_path = out_dir / "labels.nrrd"
         sitk.WriteImage(result.label_map, str(label_path), useCompression=False)
@@ -231,22 +253,34 @@ class Worker:
             for value, (box, mask) in result.masks.items():
                 path = out_dir / f"mask_{value}.npy"
                 np.save(path, np.ascontiguousarray(mask, dtype=bool))
-                masks[str(value)] = {"path": str(path), "start": list(map(int, box.start)),
-                                     "size": list(map(int, box.size))}
+                masks[str(value)] = MaskFile(path=str(path), start=list(map(int, box.start)),
+                                             size=list(map(int, box.size)))
         uncertainty = None
         if result.uncertainty is not None:  # asked for with "uncertainty": true
             uncertainty = out_dir / "uncertainty.nrrd"
             sitk.WriteImage(result.uncertainty, str(uncertainty), useCompression=True)
         timings["write_s"] = time.perf_counter() - t
-        return {"label_map": str(label_path), "masks": masks, "timings": timings,
-                "device": result.device, "runtime": result.runtime, "messages": result.messages,
-                "model": package.id, "warm": warm, "review": result.review or [],
-                "uncertainty": str(uncertainty) if uncertainty is not None else None}
+        return SegmentDone(id=job, label_map=str(label_path), masks=masks, timings=timings,
+                           device=result.device, runtime=result.runtime, messages=list(result.messages),
+                           model=package.id, warm=warm, review=list(result.review or []),
+                           uncertainty=str(uncertainty) if uncertainty is not None else None)
 
 
-def environment_info() -> dict[str, Any]:
+def _id_of(line: str) -> str | None:
+    """The id of a refused request line, where it has one, so the caller can match the error."""
+    import json
+
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    return str(data["id"]) if isinstance(data, dict) and data.get("id") is not None else None
+
+
+def environment_info() -> HelloEvent:
     """Python, PyTorch and CUDA versions and the GPU, for the panel's device line."""
-    info: dict[str, Any] = {"python": platform.python_version(), "pid": os.getpid()}
+    info: dict[str, Any] = {"python": platform.python_version(), "pid": os.getpid(),
+                            "utf8_mode": bool(sys.flags.utf8_mode)}
     try:
         import torch
 
@@ -262,7 +296,7 @@ def environment_info() -> dict[str, Any]:
         info["monai"] = monai.__version__
     except Exception:
         info["monai"] = None
-    return info
+    return HelloEvent(**info)
 
 
 def main() -> int:
@@ -272,7 +306,8 @@ def main() -> int:
     sys.stdout = sys.stderr
     stdin = open(sys.stdin.fileno(), encoding="utf-8", errors="replace", closefd=False)
     worker = Worker(protocol)
-    worker.emit(event="ready", pid=os.getpid())  # first, before any answer the reader may give
+    # first, before any answer the reader may give
+    worker.emit(ReadyEvent(pid=os.getpid(), protocol=PROTOCOL_VERSION))
     threading.Thread(target=worker.read_requests, args=(stdin,), daemon=True).start()
     worker.serve()
     return 0

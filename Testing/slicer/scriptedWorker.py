@@ -1,6 +1,6 @@
 """A misbehaving worker for the runner's tests; ``UNETSEG_TEST_WORKER`` says how it misbehaves.
 
-Speaks just enough of ``unetseg_engine.worker``'s protocol (``ready`` with its pid, ``hello``,
+Speaks just enough of ``unetseg_engine.workerprotocol`` (``ready`` with its pid, ``hello``,
 ``progress`` for a segment request), then, on a segment request:
 
 - ``hang``: never answers, and ignores cancel and the end of its input, as a worker stuck in a long
@@ -11,17 +11,20 @@ Speaks just enough of ``unetseg_engine.worker``'s protocol (``ready`` with its p
 
 import json
 import os
+import platform
 import sys
 import time
 
+from unetseg_engine.workerprotocol import PROTOCOL_VERSION
+
 if __name__ == "__main__":
     behaviour = os.environ.get("UNETSEG_TEST_WORKER", "hang")
-    print(json.dumps({"event": "ready", "pid": os.getpid()}), flush=True)
+    print(json.dumps({"event": "ready", "pid": os.getpid(), "protocol": PROTOCOL_VERSION}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
         if request.get("cmd") == "hello":
-            print(json.dumps({"event": "hello", "pid": os.getpid(),
-                              "PYTHONUTF8": os.environ.get("PYTHONUTF8")}), flush=True)
+            print(json.dumps({"event": "hello", "pid": os.getpid(), "python": platform.python_version(),
+                              "utf8_mode": bool(sys.flags.utf8_mode)}), flush=True)
         elif request.get("cmd") == "segment":
             print(json.dumps({"event": "progress", "id": request["id"], "stage": "inference",
                               "fraction": 0.1}), flush=True)

@@ -26,6 +26,11 @@ def scriptedRunner(behaviour: str = "hang", **options) -> WorkerRunner:
     return WorkerRunner(python=LAUNCHER, module="scriptedWorker", env=env, **options)
 
 
+def segmentRequest(jobId: str = "job") -> dict:
+    """A well-formed segment request (these workers never read its files)."""
+    return {"id": jobId, "inputs": [{"path": "input.nrrd"}], "output_dir": "out"}
+
+
 def pollUntil(runner, condition, timeout=20.0, events=None):
     """Poll as the panel's timer does; every poll() must return at once (it runs on the GUI thread)."""
     start = time.monotonic()
@@ -60,7 +65,7 @@ def waitGone(pid: int, timeout: float = 10.0) -> bool:
 def test_cancel_kills_the_whole_tree_of_a_worker_that_ignores_it():
     runner = scriptedRunner(cancelGraceS=0.3)
     try:
-        runner.start({"id": "job1"})
+        runner.start(segmentRequest("job1"))
         pollUntil(runner, lambda: runner.workerPid is not None)
         launcher, worker = runner.pid, runner.workerPid
         assert launcher != worker and psutil.Process(worker).ppid() == launcher  # a real tree
@@ -87,7 +92,7 @@ def test_next_segment_after_a_killed_worker_starts_a_fresh_one_and_poll_never_bl
     def scenario():
         try:
             for round_ in range(4):
-                runner.start({"id": f"job{round_}"})
+                runner.start(segmentRequest(f"job{round_}"))
                 pollUntil(runner, lambda: runner.workerPid is not None)
                 old = runner.workerPid
                 runner.cancel()
@@ -95,7 +100,7 @@ def test_next_segment_after_a_killed_worker_starts_a_fresh_one_and_poll_never_bl
                 assert waitGone(old)
                 time.sleep(0.3)  # the old worker's reader thread reports its end and finishes
                 gc.collect()  # and its Popen is freed
-                runner.start({"id": f"next{round_}"})
+                runner.start(segmentRequest(f"next{round_}"))
                 pollUntil(runner, lambda: runner.workerPid is not None)
                 for _ in range(10):  # the old worker's end is in the queue now: ignored
                     pollUntil(runner, lambda: True)
@@ -125,8 +130,8 @@ def test_worker_stderr_in_another_encoding_is_read_and_the_worker_gets_utf8():
         runner.requestInfo()
         events = []
         pollUntil(runner, lambda: any(e.get("event") == "hello" for e in events), events=events)
-        assert [e for e in events if e.get("event") == "hello"][0]["PYTHONUTF8"] == "1"
-        runner.start({"id": "job"})
+        assert [e for e in events if e.get("event") == "hello"][0]["utf8_mode"] is True
+        runner.start(segmentRequest())
         events = []
         pollUntil(runner, lambda: not runner.isBusy(), events=events)
         error = [e for e in events if e.get("event") == "error"][0]
@@ -139,7 +144,7 @@ def test_worker_stderr_in_another_encoding_is_read_and_the_worker_gets_utf8():
 def test_a_missing_worker_python_is_reported_with_the_modules_message():
     runner = WorkerRunner(python=str(HERE / "no-such-python"))
     with pytest.raises(UNetSegError, match="Could not start the segmentation process"):
-        runner.start({"id": "job"})
+        runner.start(segmentRequest())
     assert not runner.isBusy()
     with pytest.raises(UNetSegError, match="PythonSlicer"):
         runner.requestInfo()

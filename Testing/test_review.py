@@ -237,7 +237,6 @@ def test_model_stats_command_keeps_the_package_valid(tmp_path, capsys):
 
 def test_worker_returns_the_review_and_the_uncertainty_map(tiny_package, tmp_path):
     from unetseg_engine.worker import Worker
-
     from unetseg_engine.workerprotocol import parse_request
 
     voxels = np.random.default_rng(0).integers(-1000, 1000, (20, 24, 24)).astype(np.int16)

@@ -220,15 +220,100 @@ def dice_per_label(pred: np.ndarray, ref: np.ndarray, values: list[int]) -> list
     return [dice(pred == v, ref == v) for v in values]
 
 
+@dataclass
+class TrainingState:
+    """What the loop changes (and a checkpoint keeps): the network and its optimiser, the iterations
+    done, the history, the weight average, and the random streams that draw the patches."""
+
+    core: Any  # the network as built: its weights are what is exported
+    network: Any  # ``core`` taking volumes, on the device
+    optimizer: Any
+    scheduler: Any  # LambdaLR over ``Trainer.lr_factor``
+    scaler: Any  # CUDA's gradient scaler (a no-op elsewhere)
+    channels_last: bool
+    train_data: list[dict[str, Any]]
+    val_data: list[dict[str, Any]]
+    clock_start: float  # on the trainer's clock, less the time of the runs this one resumes
+    iteration: int = 0  # steps done
+    history: dict[str, list[Any]] = field(default_factory=lambda: {
+        "iteration": [], "loss": [], "val_iteration": [], "val_dice": []})
+    averaged: Any = None  # torch.optim.swa_utils.AveragedModel, once averaging has begun
+    augment: Any = None  # MONAI's Compose (build_augmentation)
+    loss_fn: Any = None
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)  # picks cases
+    sampler: BalancedSampler | None = None  # shares ``rng``
+
+
+def _augmentation_streams(augment: Any) -> list[np.random.RandomState]:
+    """Every random stream of a MONAI transform chain (each randomised transform has its own ``R``,
+    and some hold inner transforms with theirs), in a fixed order."""
+    from monai.transforms import Transform
+
+    found: list[np.random.RandomState] = []
+    seen: set[int] = set()
+
+    def walk(item: Any) -> None:
+        if id(item) in seen:
+            return
+        seen.add(id(item))
+        if isinstance(item, np.random.RandomState):
+            found.append(item)
+        elif isinstance(item, (list, tuple)):
+            for part in item:
+                walk(part)
+        elif isinstance(item, Transform):
+            for _, value in sorted(vars(item).items()):
+                walk(value)
+
+    walk(augment)
+    return found
+
+
+def random_states(state: TrainingState) -> tuple[dict[str, Any], Any]:
+    """The random streams of the loop as JSON (numpy's) and a tensor (torch's CPU generator), so a
+    resumed run draws the patches the uninterrupted one would have drawn."""
+    import torch
+
+    streams = []
+    for stream in _augmentation_streams(state.augment):
+        name, keys, pos, has_gauss, gauss = stream.get_state()  # type: ignore[misc]
+        streams.append([name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(gauss)])
+    return {"cases": state.rng.bit_generator.state, "augmentation": streams}, torch.get_rng_state()
+
+
+def set_random_states(state: TrainingState, saved: dict[str, Any], torch_state: Any) -> None:
+    import torch
+
+    state.rng.bit_generator.state = saved["cases"]  # the sampler holds the same generator
+    streams = _augmentation_streams(state.augment)
+    if len(streams) != len(saved["augmentation"]):  # another augmentation chain: keep the reseeding
+        return
+    for stream, (name, keys, pos, has_gauss, gauss) in zip(streams, saved["augmentation"]):
+        stream.set_state((name, np.array(keys, np.uint32), pos, has_gauss, gauss))
+    if torch_state is not None:
+        torch.set_rng_state(torch_state)
+
+
 class Trainer:
-    """``progress(fraction)`` is called after every iteration; ``cancel()`` returning True stops the
-    run between iterations with CancelledError (nothing is exported)."""
+    """Trains one model: ``run()`` is ``setup()``, then ``train_step()`` per iteration with
+    ``validate()`` and ``save_checkpoint()`` every ``val_every``, then ``export()``; each piece can be
+    called on its own (the tests do). ``plan()`` needs only the constructor.
+
+    ``progress(fraction)`` is called after every iteration; ``cancel()`` returning True stops the
+    run between iterations with CancelledError (nothing is exported). ``clock`` gives the seconds that
+    count against ``time_limit_min`` (``time.time``; a test passes its own to be independent of speed).
+    """
 
     def __init__(self, cfg: TrainConfig, progress: Callable[[float], None] | None = None,
-                 cancel: Callable[[], bool] | None = None):
+                 cancel: Callable[[], bool] | None = None, clock: Callable[[], float] = time.time):
         self.cfg = cfg
         self.progress_callback = progress
         self.cancel_callback = cancel
+        self.clock = clock
+        # resolved here, not in run(): planning depends on the device (patch size for a GPU)
+        self.device = _resolve_device(cfg.device)
+        self.precision = _resolve_precision(cfg.precision, self.device)
+        self.plan_: dict[str, Any] = {}  # set by setup(): the plan trained with
         self.dataset = load_dataset(cfg.dataset)
         if cfg.cases is not None:
             by_name = {c.name: c for c in self.dataset.cases}
@@ -337,28 +422,54 @@ class Trainer:
         if self.cancel_callback is not None and self.cancel_callback():
             raise CancelledError("Training was cancelled; nothing was exported.")
 
-    # ---- the loop -----------------------------------------------------------------------------
-    def run(self) -> Path:
+    # ---- the loop, in pieces -------------------------------------------------------------------
+    @property
+    def warmup(self) -> int:
+        return max(1, min(100, self.cfg.iterations // 20))
+
+    @property
+    def budget_s(self) -> float | None:
+        return self.cfg.time_limit_min * 60 if self.cfg.time_limit_min else None
+
+    def progress_fraction(self, state: TrainingState, it: int) -> float:
+        """Fraction of the run done after warm-up: of the iterations or, with a time limit, of the
+        time, whichever is further along."""
+        done = (it - self.warmup) / max(1, self.cfg.iterations - self.warmup)
+        budget = self.budget_s
+        if budget:
+            done = max(done, (self.clock() - state.clock_start) / budget)
+        return min(max(done, 0.0), 1.0)
+
+    def lr_factor(self, state: TrainingState, it: int) -> float:
+        """Linear warm-up, then nnU-Net's polynomial decay (power 0.9), so a run cut by the clock
+        still ends with a small learning rate. With weight averaging the rate is held from
+        ``swa_start`` on: the snapshots must keep moving for their average to be worth having."""
+        if it < self.warmup:
+            return (it + 1) / self.warmup
+        done = self.progress_fraction(state, it)
+        if self.cfg.swa_start is not None:
+            done = min(done, self.cfg.swa_start)
+        return float(max(0.0, 1 - done) ** 0.9)
+
+    def setup(self) -> TrainingState:
+        """Seeds, the plan (from the checkpoint when resuming, else from ``init_from`` or the data),
+        the cases on the model grid, the network, optimiser and schedule, and, when resuming, the
+        checkpoint's weights, history, iteration and random states."""
         import torch
-        from monai.inferers import sliding_window_inference
         from monai.utils import set_determinism
 
-        from ..networks import build_network, main_output, volume_network
+        from ..networks import build_network, volume_network
 
         cfg = self.cfg
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        self.device = _resolve_device(cfg.device)
-        self.precision = _resolve_precision(cfg.precision, self.device)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         set_determinism(seed=cfg.seed)
         cfg.output.mkdir(parents=True, exist_ok=True)
-        ckpt_path = cfg.output / "checkpoint.pt"
-        resume = cfg.resume and ckpt_path.is_file()
+        ckpt = self.checkpoint() if cfg.resume else None
         init = None
-        if resume:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt is not None:
             self.plan_ = json.loads(ckpt["plan_json"])
         elif cfg.init_from:
             from ..modelpkg import get_model
@@ -388,209 +499,257 @@ class Trainer:
         core = build_network(net_spec["architecture"], net_spec["spatial_dims"],
                              len(self.dataset.channel_names), out_channels, net_spec["params"])
         network = volume_network(core, net_spec["spatial_dims"]).to(self.device)
-        use_cuda = self.device.type == "cuda"
         # channels-last: on CUDA for the tensor cores, on the CPU for oneDNN's fast 3D kernels
-        channels_last = net_spec["spatial_dims"] == 3 and (use_cuda or self.precision == "bf16")
+        channels_last = net_spec["spatial_dims"] == 3 and (self.device.type == "cuda" or
+                                                           self.precision == "bf16")
         if channels_last:
             network = network.to(memory_format=torch.channels_last_3d)
-        autocast = dict(device_type=self.device.type, enabled=self.precision != "fp32",
-                        dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
         optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.learning_rate,
                                       weight_decay=cfg.weight_decay)
-        warmup = max(1, min(100, cfg.iterations // 20))
-
-        budget_s = cfg.time_limit_min * 60 if cfg.time_limit_min else None
         # Training time counts across resumed runs: the time limit and the decay that follows it
         # go on from where the checkpoint left them, rather than starting afresh.
-        clock_start = time.time() - (float(ckpt.get("elapsed_s", 0.0)) if resume else 0.0)
-
-        def progress(it: int) -> float:
-            """Fraction of the run done after warm-up: of the iterations or, with a time limit, of
-            the time, whichever is further along."""
-            done = (it - warmup) / max(1, cfg.iterations - warmup)
-            if budget_s:
-                done = max(done, (time.time() - clock_start) / budget_s)
-            return min(max(done, 0.0), 1.0)
-
-        def lr_factor(it: int) -> float:
-            """Linear warm-up, then nnU-Net's polynomial decay (power 0.9), so a run cut by the clock
-            still ends with a small learning rate. With weight averaging the rate is held from
-            ``swa_start`` on: the snapshots must keep moving for their average to be worth having."""
-            if it < warmup:
-                return (it + 1) / warmup
-            done = progress(it)
-            if cfg.swa_start is not None:
-                done = min(done, cfg.swa_start)
-            return max(0.0, 1 - done) ** 0.9
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
-        history: dict[str, list] = {"iteration": [], "loss": [], "val_iteration": [], "val_dice": []}
-        start_it = 0
-        averaged = None  # the running weight average, once averaging has begun
+        elapsed = float(ckpt.get("elapsed_s", 0.0)) if ckpt is not None else 0.0
+        state = TrainingState(core=core, network=network, optimizer=optimizer, scheduler=None,
+                              scaler=torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda"),
+                              channels_last=channels_last, train_data=train_data, val_data=val_data,
+                              clock_start=self.clock() - elapsed)
+        state.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                             lambda it: self.lr_factor(state, it))
         if init is not None:
             core.load_state_dict(init.load_state_dict())
             self.log(f"Starting from the weights of model '{init.id}' v{init.meta['version']}")
-        if resume:
-            core.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            history = json.loads(ckpt["history_json"])
-            start_it = int(ckpt["iteration"])
-            if ckpt.get("averaged") is not None:
-                averaged = torch.optim.swa_utils.AveragedModel(core)
-                averaged.load_state_dict(ckpt["averaged"])
-            self.log(f"Resumed from {ckpt_path} at iteration {start_it}, after "
-                     f"{(time.time() - clock_start) / 60:.1f} min of training")
+        if ckpt is not None:
+            self.resume_from(state, ckpt)
 
         patch_zyx = list(reversed(self.plan_["patch_size"]))
-        augment = build_augmentation(patch_zyx, n_classes, cfg, self.swap_values)
-        augment.set_random_state(seed=cfg.seed + start_it)
+        state.augment = build_augmentation(patch_zyx, n_classes, cfg, self.swap_values)
+        state.augment.set_random_state(seed=cfg.seed + state.iteration)
         marginal = cfg.loss == "dice_ce"  # equals MONAI's DiceCELoss on fully contoured cases
-        loss_fn = MarginalDiceCELoss() if marginal else build_loss(cfg.loss, self.multilabel)
-        rng = np.random.default_rng(cfg.seed + start_it)
-        sampler = BalancedSampler(train_data, self.label_values, patch_zyx, rng) \
+        state.loss_fn = MarginalDiceCELoss() if marginal else build_loss(cfg.loss, self.multilabel)
+        state.rng = np.random.default_rng(cfg.seed + state.iteration)
+        state.sampler = BalancedSampler(train_data, self.label_values, patch_zyx, state.rng) \
             if cfg.sampling == "balanced" else None
-        inferer_args = dict(roi_size=patch_zyx, sw_batch_size=4, overlap=0.5, mode="gaussian")
-
-        def batch():
-            images, labels, labelled = [], [], []
-            for _ in range(cfg.batch_size):
-                if sampler is not None:
-                    sample = augment(sampler.sample())
-                else:
-                    sample = augment(train_data[rng.integers(len(train_data))])[0]
-                images.append(torch.as_tensor(sample["image"]))
-                labels.append(torch.as_tensor(sample["label"]))
-                labelled.append(torch.as_tensor(np.asarray(sample["labelled"])))
-            return torch.stack(images).float(), torch.stack(labels).long(), torch.stack(labelled)
-
-        def compute_loss(images, labels, labelled):
-            with torch.autocast(**autocast):
-                output = main_output(network(images)).float()
-            if marginal:
-                return loss_fn(output, labels, labelled)
-            return loss_fn(output, target_for(labels))
-
-        def target_for(labels):
-            if not self.multilabel:
-                return labels
-            values = torch.tensor(self.label_values).view(1, -1, *([1] * (labels.dim() - 2)))
-            return (labels == values).float()
-
-        def validate(it: int) -> list[float]:
-            """Dice per label on the validation cases, of the weights that would be exported now:
-            per dataset, each organ over the cases that contoured it. Returns the main dataset's
-            (empty when there are no validation cases)."""
-            if not val_data:
-                return []
-            model = network if averaged is None else volume_network(averaged.module,
-                                                                     net_spec["spatial_dims"])
-            model.eval()
-            scores = []
-            with torch.inference_mode():
-                for case in val_data:
-                    x = torch.as_tensor(case["image"])[None].to(self.device)
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last_3d)
-                    with torch.autocast(**autocast):
-                        logits = sliding_window_inference(x, predictor=model, **inferer_args)
-                    if self.multilabel:
-                        probs = torch.sigmoid(logits[0].float()).cpu().numpy() > 0.5
-                        pred = np.zeros(probs.shape[1:], np.uint8)
-                        for c, v in enumerate(self.label_values):
-                            pred[probs[c]] = v
-                    else:
-                        pred = logits[0].argmax(0).cpu().numpy()
-                    case_scores = dice_per_label(pred, case["label"][0], self.label_values)
-                    scores.append([d if case["labelled"][v] else math.nan
-                                   for v, d in zip(self.label_values, case_scores)])
-            network.train()
-            of = "" if averaged is None else f" of the average of {int(averaged.n_averaged)} snapshots"
-            results, start = {}, 0
-            for group, cases in self.val_groups.items():
-                if not cases:
-                    continue
-                block = np.array(scores[start:start + len(cases)], dtype=float)
-                start += len(cases)
-                with warnings.catch_warnings():  # an organ no case of the group contoured: NaN
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    per_label = np.nanmean(block, axis=0).tolist()
-                results[group] = per_label
-                names = " ".join(f"{self.label_names[v]}={d:.3f}" for v, d in zip(self.label_values,
-                                                                                 per_label))
-                self.log(f"  validation{of} at {it} on {group} ({len(cases)} cases): mean Dice "
-                         f"{np.nanmean(per_label):.3f} ({names})")
-            main = next(iter(results.values()))
-            history["val_iteration"].append(it)
-            history["val_dice"].append(main)
-            history.setdefault("val_dice_by_dataset", []).append(results)
-            return main
-
-        def save_checkpoint(it: int) -> None:
-            state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "iteration": it,
-                     "plan_json": json.dumps(self.plan_), "history_json": json.dumps(history),
-                     "averaged": None if averaged is None else averaged.state_dict(),
-                     "elapsed_s": time.time() - clock_start}
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            tmp.replace(ckpt_path)
-
+        if ckpt is not None and ckpt.get("random_json"):  # the exact random streams, where saved
+            set_random_states(state, json.loads(ckpt["random_json"]), ckpt.get("torch_random"))
         network.train()
-        deadline = clock_start + budget_s if budget_s else math.inf
-        tick, it = time.time(), start_it
-        for it in range(start_it, cfg.iterations):
-            images, labels, labelled = batch()
-            images, labels = images.to(self.device), labels.to(self.device)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last_3d)
-            optimizer.zero_grad(set_to_none=True)
-            loss = compute_loss(images, labels, labelled)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if self.progress_callback is not None:
-                self.progress_callback(progress(it + 1) if budget_s else (it + 1) / cfg.iterations)
-            self.check_cancelled()
-            if cfg.swa_start is not None and (it + 1) % cfg.swa_every == 0 and \
-                    it + 1 > warmup and progress(it + 1) >= cfg.swa_start:
-                if averaged is None:
-                    averaged = torch.optim.swa_utils.AveragedModel(core)
-                    self.log(f"Weight averaging starts at iteration {it + 1}, learning rate held at "
-                             f"{scheduler.get_last_lr()[0]:.2e}")
-                averaged.update_parameters(core)
-            history["iteration"].append(it + 1)
-            history["loss"].append(loss.item())
-            if (it + 1) % 25 == 0:
-                rate = 25 / (time.time() - tick)
+        return state
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """The run's checkpoint (``checkpoint.pt`` in the output folder), or None without one."""
+        import torch
+
+        path = self.cfg.output / "checkpoint.pt"
+        if not path.is_file():
+            return None
+        return dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def resume_from(self, state: TrainingState, ckpt: dict[str, Any]) -> None:
+        """Weights, optimiser, schedule, history, iteration and weight average from a checkpoint."""
+        import torch
+
+        state.core.load_state_dict(ckpt["model"])
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        assert state.scheduler is not None
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+        state.history = json.loads(ckpt["history_json"])
+        state.iteration = int(ckpt["iteration"])
+        if ckpt.get("averaged") is not None:
+            state.averaged = torch.optim.swa_utils.AveragedModel(state.core)
+            state.averaged.load_state_dict(ckpt["averaged"])
+        self.log(f"Resumed from {self.cfg.output / 'checkpoint.pt'} at iteration {state.iteration}, "
+                 f"after {(self.clock() - state.clock_start) / 60:.1f} min of training")
+
+    def batch(self, state: TrainingState) -> tuple[Any, Any, Any]:
+        """``batch_size`` augmented patches: images (B, C, ...), labels (B, 1, ...), labelled (B, n)."""
+        import torch
+
+        images, labels, labelled = [], [], []
+        for _ in range(self.cfg.batch_size):
+            if state.sampler is not None:
+                sample = state.augment(state.sampler.sample())
+            else:
+                sample = state.augment(state.train_data[state.rng.integers(len(state.train_data))])[0]
+            images.append(torch.as_tensor(sample["image"]))
+            labels.append(torch.as_tensor(sample["label"]))
+            labelled.append(torch.as_tensor(np.asarray(sample["labelled"])))
+        return torch.stack(images).float(), torch.stack(labels).long(), torch.stack(labelled)
+
+    def _autocast(self) -> dict[str, Any]:
+        import torch
+
+        return dict(device_type=self.device.type, enabled=self.precision != "fp32",
+                    dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+
+    def compute_loss(self, state: TrainingState, images: Any, labels: Any, labelled: Any) -> Any:
+        import torch
+
+        from ..networks import main_output
+
+        with torch.autocast(**self._autocast()):
+            output = main_output(state.network(images)).float()
+        if self.cfg.loss == "dice_ce":
+            return state.loss_fn(output, labels, labelled)
+        if self.multilabel:
+            values = torch.tensor(self.label_values).view(1, -1, *([1] * (labels.dim() - 2)))
+            labels = (labels == values).float()
+        return state.loss_fn(output, labels)
+
+    def train_step(self, state: TrainingState) -> float:
+        """One optimiser step on one batch (iteration ``state.iteration + 1``); its loss. Also takes
+        the weight-averaging snapshot when one is due, and records the loss in the history."""
+        import torch
+
+        images, labels, labelled = self.batch(state)
+        images, labels = images.to(self.device), labels.to(self.device)
+        if state.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last_3d)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss = self.compute_loss(state, images, labels, labelled)
+        state.scaler.scale(loss).backward()
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(state.network.parameters(), self.cfg.grad_clip)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        assert state.scheduler is not None
+        state.scheduler.step()
+        state.iteration += 1
+        return float(loss.item())
+
+    def after_step(self, state: TrainingState, loss: float) -> None:
+        """Progress, cancel, the weight-averaging snapshot and the history, after a step."""
+        import torch
+
+        cfg, done = self.cfg, state.iteration
+        if self.progress_callback is not None:
+            self.progress_callback(self.progress_fraction(state, done) if self.budget_s else
+                                   done / cfg.iterations)
+        self.check_cancelled()
+        if cfg.swa_start is not None and done % cfg.swa_every == 0 and \
+                done > self.warmup and self.progress_fraction(state, done) >= cfg.swa_start:
+            if state.averaged is None:
+                state.averaged = torch.optim.swa_utils.AveragedModel(state.core)
+                assert state.scheduler is not None
+                self.log(f"Weight averaging starts at iteration {done}, learning rate held at "
+                         f"{state.scheduler.get_last_lr()[0]:.2e}")
+            state.averaged.update_parameters(state.core)
+        state.history["iteration"].append(done)
+        state.history["loss"].append(loss)
+
+    def validate(self, state: TrainingState) -> list[float]:
+        """Dice per label on the validation cases, of the weights that would be exported now:
+        per dataset, each organ over the cases that contoured it. Returns the main dataset's
+        (empty when there are no validation cases)."""
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        from ..networks import volume_network
+
+        if not state.val_data:
+            return []
+        it, averaged = state.iteration, state.averaged
+        spatial_dims = self.plan_["network"]["spatial_dims"]
+        model = state.network if averaged is None else volume_network(averaged.module, spatial_dims)
+        model.eval()
+        patch_zyx = list(reversed(self.plan_["patch_size"]))
+        scores = []
+        with torch.inference_mode():
+            for case in state.val_data:
+                x = torch.as_tensor(case["image"])[None].to(self.device)
+                if state.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last_3d)
+                with torch.autocast(**self._autocast()):
+                    logits = sliding_window_inference(x, roi_size=patch_zyx, sw_batch_size=4, overlap=0.5,
+                                                      mode="gaussian", predictor=model)
+                if self.multilabel:
+                    probs = torch.sigmoid(logits[0].float()).cpu().numpy() > 0.5
+                    pred = np.zeros(probs.shape[1:], np.uint8)
+                    for c, v in enumerate(self.label_values):
+                        pred[probs[c]] = v
+                else:
+                    pred = logits[0].argmax(0).cpu().numpy()
+                case_scores = dice_per_label(pred, case["label"][0], self.label_values)
+                scores.append([d if case["labelled"][v] else math.nan
+                               for v, d in zip(self.label_values, case_scores)])
+        state.network.train()
+        of = "" if averaged is None else f" of the average of {int(averaged.n_averaged)} snapshots"
+        results, start = {}, 0
+        for group, cases in self.val_groups.items():
+            if not cases:
+                continue
+            block = np.array(scores[start:start + len(cases)], dtype=float)
+            start += len(cases)
+            with warnings.catch_warnings():  # an organ no case of the group contoured: NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                per_label = np.nanmean(block, axis=0).tolist()
+            results[group] = per_label
+            names = " ".join(f"{self.label_names[v]}={d:.3f}" for v, d in zip(self.label_values,
+                                                                             per_label))
+            self.log(f"  validation{of} at {it} on {group} ({len(cases)} cases): mean Dice "
+                     f"{np.nanmean(per_label):.3f} ({names})")
+        main = next(iter(results.values()))
+        state.history["val_iteration"].append(it)
+        state.history["val_dice"].append(main)
+        state.history.setdefault("val_dice_by_dataset", []).append(results)
+        return main
+
+    def save_checkpoint(self, state: TrainingState) -> Path:
+        """Everything ``setup()`` needs to go on from here, random streams included; written to a
+        temporary file first, so a kill mid-write leaves the previous checkpoint."""
+        import torch
+
+        random_json, torch_random = random_states(state)
+        checkpoint = {"model": state.core.state_dict(), "optimizer": state.optimizer.state_dict(),
+                      "scheduler": state.scheduler.state_dict() if state.scheduler else None,
+                      "iteration": state.iteration, "plan_json": json.dumps(self.plan_),
+                      "history_json": json.dumps(state.history),
+                      "averaged": None if state.averaged is None else state.averaged.state_dict(),
+                      "elapsed_s": self.clock() - state.clock_start,
+                      "random_json": json.dumps(random_json), "torch_random": torch_random}
+        path = self.cfg.output / "checkpoint.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(checkpoint, tmp)
+        tmp.replace(path)
+        return path
+
+    def run(self) -> Path:
+        """Set up, train to ``iterations`` (or the time limit), and export the model package."""
+        cfg = self.cfg
+        state = self.setup()
+        budget = self.budget_s
+        deadline = state.clock_start + budget if budget else math.inf
+        tick = time.time()
+        while state.iteration < cfg.iterations:
+            loss = self.train_step(state)
+            self.after_step(state, loss)
+            done = state.iteration
+            if done % 25 == 0:
+                rate = 25 / max(time.time() - tick, 1e-9)
                 tick = time.time()
-                eta = (cfg.iterations - it - 1) / max(rate, 1e-9)
-                recent = float(np.mean(history["loss"][-25:]))
-                self.log(f"iteration {it + 1}/{cfg.iterations}  loss {recent:.4f}  "
-                         f"lr {scheduler.get_last_lr()[0]:.2e}  {rate:.2f} it/s  ETA {eta / 60:.1f} min")
-            if (it + 1) % cfg.val_every == 0 or it + 1 == cfg.iterations:
-                validate(it + 1)
-                save_checkpoint(it + 1)
-                plot_curves(history, cfg.output / "training_curve.png", self.label_names,
+                eta = (cfg.iterations - done) / max(rate, 1e-9)
+                recent = float(np.mean(state.history["loss"][-25:]))
+                assert state.scheduler is not None
+                self.log(f"iteration {done}/{cfg.iterations}  loss {recent:.4f}  lr "
+                         f"{state.scheduler.get_last_lr()[0]:.2e}  {rate:.2f} it/s  ETA {eta / 60:.1f} min")
+            if done % cfg.val_every == 0 or done == cfg.iterations:
+                self.validate(state)
+                self.save_checkpoint(state)
+                plot_curves(state.history, cfg.output / "training_curve.png", self.label_names,
                             self.label_values)
-            if time.time() > deadline:
-                self.log(f"Time limit of {cfg.time_limit_min} min reached at iteration {it + 1}.")
-                if not history["val_iteration"] or history["val_iteration"][-1] != it + 1:
-                    validate(it + 1)
-                    save_checkpoint(it + 1)
+            if self.clock() > deadline:
+                self.log(f"Time limit of {cfg.time_limit_min} min reached at iteration {done}.")
+                if not state.history["val_iteration"] or state.history["val_iteration"][-1] != done:
+                    self.validate(state)
+                    self.save_checkpoint(state)
                 break
-        plot_curves(history, cfg.output / "training_curve.png", self.label_names, self.label_values)
-        train_time = time.time() - clock_start
+        plot_curves(state.history, cfg.output / "training_curve.png", self.label_names, self.label_values)
+        train_time = self.clock() - state.clock_start
         swa = None
-        if averaged is not None:
+        core = state.core
+        if state.averaged is not None:
             swa = {"start": cfg.swa_start, "every": cfg.swa_every,
-                   "snapshots": int(averaged.n_averaged)}
-            core = averaged.module
-        return self.export(core, history, train_time, it + 1, swa)
+                   "snapshots": int(state.averaged.n_averaged)}
+            core = state.averaged.module
+        return self.export(core, state.history, train_time, state.iteration, swa)
 
     # ---- the model package ----------------------------------------------------------------------
     def export(self, core, history: dict[str, list], train_time: float, iterations_done: int,

@@ -124,7 +124,7 @@ class Worker:
             if isinstance(request, QuitRequest):
                 return
             if isinstance(request, HelloRequest):
-                self.emit(environment_info())
+                self.emit(HelloEvent(**environment_info()))
             elif isinstance(request, SegmentRequest):
                 self.segment(request)
             elif isinstance(request, FinetuneRequest):
@@ -277,8 +277,9 @@ def _id_of(line: str) -> str | None:
     return str(data["id"]) if isinstance(data, dict) and data.get("id") is not None else None
 
 
-def environment_info() -> HelloEvent:
-    """Python, PyTorch and CUDA versions and the GPU, for the panel's device line."""
+def environment_info() -> dict[str, Any]:
+    """Python, PyTorch and CUDA versions and the GPU, for the panel's device line (the ``hello``
+    event's fields; the server reports them too)."""
     info: dict[str, Any] = {"python": platform.python_version(), "pid": os.getpid(),
                             "utf8_mode": bool(sys.flags.utf8_mode)}
     try:
@@ -296,7 +297,7 @@ def environment_info() -> HelloEvent:
         info["monai"] = monai.__version__
     except Exception:
         info["monai"] = None
-    return HelloEvent(**info)
+    return info
 
 
 def main() -> int:

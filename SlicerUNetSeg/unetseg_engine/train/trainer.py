@@ -594,12 +594,12 @@ class Trainer:
             labels = (labels == values).float()
         return state.loss_fn(output, labels)
 
-    def train_step(self, state: TrainingState) -> float:
-        """One optimiser step on one batch (iteration ``state.iteration + 1``); its loss. Also takes
-        the weight-averaging snapshot when one is due, and records the loss in the history."""
+    def train_step(self, state: TrainingState, batch: tuple[Any, Any, Any] | None = None) -> float:
+        """One optimiser step (iteration ``state.iteration + 1``) on ``batch`` (by default the next
+        one ``batch()`` draws); returns its loss. ``after_step`` does the bookkeeping."""
         import torch
 
-        images, labels, labelled = self.batch(state)
+        images, labels, labelled = batch if batch is not None else self.batch(state)
         images, labels = images.to(self.device), labels.to(self.device)
         if state.channels_last:
             images = images.contiguous(memory_format=torch.channels_last_3d)

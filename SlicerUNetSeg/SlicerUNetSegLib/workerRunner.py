@@ -186,6 +186,7 @@ class WorkerRunner:
     def _ensureProcess(self) -> None:
         if self.worker is not None and self.worker.alive():
             return
+        options: dict[str, Any]  # Popen's keyword arguments for this platform
         if sys.platform == "win32":
             options = {"creationflags": subprocess.CREATE_NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP}
         else:

@@ -219,7 +219,7 @@ DONE_FOR: dict[str, type] = {"segment": SegmentDone, "finetune": FinetuneDone}
 def to_json(message: Request | Event) -> dict[str, Any]:
     """The message as its JSON object, with ``"cmd"`` (a request) or ``"event"`` first."""
     tag = {"cmd": message.cmd} if hasattr(message, "cmd") else {"event": getattr(message, "event")}
-    return {**tag, **asdict(message)}  # type: ignore[call-overload]
+    return {**tag, **asdict(message)}
 
 
 def to_line(message: Request | Event) -> str:
@@ -239,7 +239,7 @@ def parse_request(data: Any) -> Request:
         _check_choice(request.runtime, RUNTIMES, "runtime")
         if not request.inputs:
             raise ProtocolError("The 'segment' request has no inputs.")
-    return request  # type: ignore[no-any-return]
+    return request
 
 
 def parse_event(data: Any, answering: str | None = None) -> Event:
@@ -247,14 +247,14 @@ def parse_event(data: Any, answering: str | None = None) -> Event:
     answers ("segment" or "finetune"): the two results differ."""
     data = _object(data, "event")
     name = data.get("event")
-    cls = DONE_FOR.get(answering or "") if name == "done" else EVENTS.get(name)  # type: ignore[arg-type]
+    cls = DONE_FOR.get(answering or "") if name == "done" else EVENTS.get(name)
     if cls is None:
         raise ProtocolError(f"Unknown event {name!r}" + (f" (answering {answering!r})" if name == "done"
                                                           else "") + f" in protocol {PROTOCOL_VERSION}.")
     event = _build(cls, {k: v for k, v in data.items() if k != "event"}, f"'{name}' event")
     if isinstance(event, ErrorEvent):
         _check_choice(event.kind, ERROR_KINDS, "error kind")
-    return event  # type: ignore[no-any-return]
+    return event
 
 
 def _object(data: Any, what: str) -> dict[str, Any]:

@@ -184,7 +184,7 @@ def build_augmentation(patch_zyx, n_classes: int, cfg: TrainConfig,
 
     keys = ["image", "label"]
     axis_of = {"z": 0, "y": 1, "x": 2}
-    chain = []
+    chain: list[Any] = []  # MONAI types its chains as lazy transforms only
     if cfg.sampling == "classes":
         ratios = [1.0] + [2.0] * (n_classes - 1)  # foreground patches twice as often per class
         chain += [
@@ -276,7 +276,7 @@ def random_states(state: TrainingState) -> tuple[dict[str, Any], Any]:
 
     streams = []
     for stream in _augmentation_streams(state.augment):
-        name, keys, pos, has_gauss, gauss = stream.get_state()  # type: ignore[misc]
+        name, keys, pos, has_gauss, gauss = stream.get_state()
         streams.append([name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(gauss)])
     return {"cases": state.rng.bit_generator.state, "augmentation": streams}, torch.get_rng_state()
 

@@ -21,8 +21,8 @@ installed after a cancelled fine-tune), ``quit`` (or the end of stdin: the worke
 Events: ``ready`` (first, with the pid and the protocol version), ``hello``, ``progress``, ``done``
 (``SegmentDone`` or ``FinetuneDone``) and ``error`` (kind ``user``, ``cancelled`` or ``internal``).
 
-Memory: each input is held once, as the ``SimpleITK.Image`` read from its file (with the header's
-geometry); the predictor takes its arrays from it as views.
+Memory: each input is held once, as the ``SimpleITK.Image`` read from its file with the header's
+geometry (protocol 1 held it two or three times: the image read, a numpy copy, an image rebuilt from it).
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ class Worker:
         timings["load_model_s"] = time.perf_counter() - t
         check_cancelled()
         result = predictor.predict(images, window=request.window, progress=progress, cancel=is_cancelled)
-        del images  # the predictor keeps none of them: the input's memory goes before writing
+        del images  # freed before the results are written
         timings.update(result.timings)
         check_cancelled()
 

@@ -119,8 +119,6 @@ def test_every_message_survives_a_round_trip_through_its_json_line(side, answeri
      "'tta' should be bool"),
     ('{"cmd": "segment", "id": "j", "inputs": [{"path": "a"}], "output_dir": "o", "window": [40]}',
      "'window' should be a list of 2"),
-    ('{"cmd": "segment", "id": "j", "inputs": [{"path": "a"}], "output_dir": "o", "device": "gpu"}',
-     "Unknown device 'gpu'"),
     # protocol 1's geometry beside the header: refused, saying where the geometry comes from now
     ('{"cmd": "segment", "id": "j", "inputs": [{"path": "a", "spacing": [1, 1, 1], "origin": [0, 0, 0], '
      '"direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}], "output_dir": "o"}', "read from the file's header"),

@@ -38,11 +38,14 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import UNetSegError
+
+if TYPE_CHECKING:
+    from .preprocess import Box
 
 # nnU-Net's network classes we can build, by the dotted names plans use -> our short name.
 ARCHITECTURE_CLASSES = {
@@ -565,7 +568,7 @@ def resample(data: np.ndarray, new_shape, axis: int | None, order: int, order_z:
         tmp_shape[axis] = data.shape[axis + 1]
         tmp = np.zeros(tmp_shape)
         for i in range(data.shape[axis + 1]):
-            index = [slice(None)] * 3
+            index: list[slice | int] = [slice(None)] * 3
             index[axis] = i
             tmp[tuple(index)] = _resize(data[c][tuple(index)], inplane, order)
         if tmp.shape[axis] != new_shape[axis]:
@@ -601,6 +604,15 @@ def normalize(data: np.ndarray, mask: np.ndarray, section: dict[str, Any]) -> np
             x -= x.min()
             x /= np.clip(x.max(), a_min=1e-8, a_max=None)
     return data
+
+
+def _box_ijk(slices_kji: tuple[slice, ...]) -> Box:
+    """The ``Box`` (start and size, i j k) of three (k, j, i) slices with their starts and stops set."""
+    from .preprocess import Box
+
+    k, j, i = slices_kji
+    return Box((int(i.start), int(j.start), int(k.start)),
+               (int(i.stop - i.start), int(j.stop - j.start), int(k.stop - k.start)))
 
 
 def _nonzero_box(data: np.ndarray):
@@ -648,7 +660,7 @@ def prepare(images: list, section: dict[str, Any]):
     """
     import SimpleITK as sitk
 
-    from .preprocess import Box, Prepared
+    from .preprocess import Prepared
 
     first = images[0]
     for image in images[1:]:
@@ -672,9 +684,7 @@ def prepare(images: list, section: dict[str, Any]):
     data = resample(data, new_shape, axis, int(kw.get("order", 3)), int(kw.get("order_z", 0)))
     backward = section["transpose_backward"]
     grid = _grid_geometry(first, box, [new_shape[a] for a in backward])
-    start = tuple(int(b.start) for b in box[::-1])
-    size = tuple(int(s) for s in crop_shape[::-1])
-    prepared = Prepared(data, grid, Box(start, size), first)
+    prepared = Prepared(data, grid, _box_ijk(box), first)
     prepared.nnunet = {"current_spacing": current, "crop_shape": crop_shape}  # type: ignore[attr-defined]
     return prepared
 
@@ -796,14 +806,15 @@ def export_separate_z(logits: np.ndarray, prepared, section: dict[str, Any], is_
     info = prepared.nnunet
     target_shape = [info["crop_shape"][a] for a in forward]
     axis = separate_z(section["spacing"], info["current_spacing"], kw.get("force_separate_z"))
-    best = index = None
+    best: np.ndarray | None = None
+    index: np.ndarray | None = None
     for c in range(logits.shape[0]):
         if is_cancelled():
             raise CancelledError()
         channel = logits[c].transpose(forward)[None]
         r = resample(channel, target_shape, axis, int(kw.get("order", 1)), int(kw.get("order_z", 0)))
         r = r[0].transpose(section["transpose_backward"])
-        if best is None:
+        if best is None or index is None:
             best, index = r, np.zeros(r.shape, np.uint16)
         else:
             take = r > best
@@ -871,7 +882,8 @@ def write_merged(folder: str | os.PathLike, members: list, model_id: str, title:
             raise UNetSegError(f"Model '{m.id}' is not an imported nnU-Net model; only those merge.")
         if [i["name"] for i in m.meta["inputs"]] != [i["name"] for i in members[0].meta["inputs"]]:
             raise UNetSegError(f"Models '{members[0].id}' and '{m.id}' take different inputs.")
-    labels, merge = [], []
+    labels: list[dict[str, Any]] = []
+    merge: list[dict[str, Any]] = []
     for index, m in enumerate(members, start=1):
         values = {}
         for label in m.labels:
@@ -974,10 +986,7 @@ def predict_merged(predictor, images, progress=None, cancel=None):
         box = bounding_box(labels != 0, margin=0)
         if box is None:
             continue
-        start = [int(s.start) for s in box[::-1]]
-        from .preprocess import Box
-
-        ref = box_reference(reference, Box(tuple(start), tuple(int(s.stop - s.start) for s in box[::-1])))
+        ref = box_reference(reference, _box_ijk(box))
         p = sitk.GetArrayFromImage(sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0,
                                                  sitk.sitkFloat32))
         region, region_best, mine = out[box], best[box], labels[box]

@@ -67,8 +67,8 @@ def body_bounds(image: sitk.Image, box) -> tuple[np.ndarray, np.ndarray]:
 
     corners = [image.TransformContinuousIndexToPhysicalPoint([float(v) for v in c])
                for c in product(*[(s - 0.5, s + n - 0.5) for s, n in zip(box.start, box.size)])]
-    corners = np.array(corners)
-    return corners.min(axis=0), corners.max(axis=0)
+    points = np.array(corners)
+    return points.min(axis=0), points.max(axis=0)
 
 
 def lps_to_ras(point) -> list[float]:
@@ -110,11 +110,11 @@ def _uncertainty(probs: np.ndarray, crop, multilabel: bool, channel: int | None 
     eps = np.float32(1e-7)
     if multilabel:
         channels = [channel] if channel is not None else range(probs.shape[0])
-        out = None
+        out = np.zeros(probs[0][crop].shape, np.float32)  # entropies are >= 0: the largest is kept
         for c in channels:
             p = np.clip(probs[c][crop], eps, 1 - eps)
             h = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
-            out = h if out is None else np.maximum(out, h)
+            out = np.maximum(out, h)
         return out.astype(np.float32)
     h = np.zeros(probs[0][crop].shape, np.float32)
     for c in range(probs.shape[0]):
@@ -181,7 +181,7 @@ def _tempered(probs: np.ndarray, channel: int, crop, t: float, multilabel: bool)
     return num / total
 
 
-def _focus(unc: np.ndarray, mask: np.ndarray, crop, grid: sitk.Image) -> list[float] | None:
+def _focus(unc: np.ndarray, mask: np.ndarray, crop, grid: sitk.Image) -> list[float]:
     """RAS (mm) of the centre of the most uncertain connected chunk on ``mask``'s border."""
     from scipy import ndimage
 
@@ -513,9 +513,9 @@ def summarise_statistics(per_case: list[dict[str, dict[str, Any]]], labels: list
         cues = {"pairs": cue_pairs}
         llrs = [lateral_llr({n: r["centre_x"] for n, r in c.items() if "centre_x" in r}, cues)
                 for c in per_case]
-        llrs = np.array([x for x in llrs if x is not None])
+        scored = np.array([x for x in llrs if x is not None])
         rate = 0.02
-        section["lateral_cues"] = dict(cues, threshold=round(float(np.percentile(llrs, 100 * rate)), 3),
+        section["lateral_cues"] = dict(cues, threshold=round(float(np.percentile(scored, 100 * rate)), 3),
                                        false_alarm_rate=rate)
     return section
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checks import check_settings, modality_warnings
 from .dicomseries import check_modality
 from .errors import UNetSegError
 from .imageio import read_image
 from .outputs import LABEL_EXTENSIONS, SEG_EXTENSION, check_output_path, write_label_map
+
+if TYPE_CHECKING:
+    from .inference import Predictor, SegmentationResult
 
 DICOM_EXTENSION = ".dcm"
 
@@ -106,7 +110,7 @@ def write_result(result, out_path: Path, kind: str, dicom=None) -> list[str]:
     return []
 
 
-def load_predictor(package, **knobs):
+def load_predictor(package, **knobs) -> Predictor:
     """A ``Predictor`` with ``knobs`` (device, overlap, sw_batch_size, tta, postprocess) and
     ``package`` loaded: what ``segment`` uses once and ``batch`` keeps warm over every study."""
     from .inference import Predictor
@@ -116,8 +120,8 @@ def load_predictor(package, **knobs):
     return predictor
 
 
-def run_one(predictor, images, out_path: Path, kind: str, *, window=None, progress=None,
-            dicom=None, cancel=None) -> tuple[object, dict[str, float], list[str]]:
+def run_one(predictor: Predictor, images, out_path: Path, kind: str, *, window=None, progress=None,
+            dicom=None, cancel=None) -> tuple[SegmentationResult, dict[str, float], list[str]]:
     """Segment already-read ``images`` with a loaded ``predictor`` and write the result: the step
     ``segment``, ``batch`` and the server's workers share. Returns (result, timings, notes).
     ``cancel``: a callable; when it returns True the run stops with ``CancelledError``."""

@@ -210,7 +210,7 @@ def model_grid_masks(probs: np.ndarray, model) -> dict[int, np.ndarray]:
     if model.multilabel:
         threshold = model.meta["output"].get("threshold", 0.5)
         return {label["value"]: probs[c] > threshold for c, label in enumerate(model.labels)}
-    from .inference import _argmax_first_axis
+    from .inputgrid import argmax_first_axis as _argmax_first_axis
 
     top = _argmax_first_axis(probs, np.uint8 if probs.shape[0] < 255 else np.uint16)
     return {label["value"]: top == c + 1 for c, label in enumerate(model.labels)}

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .boxes import Box, bounding_box
 from .checks import check_settings, check_volume, modality_warnings
 from .errors import CancelledError, UNetSegError
 from .inputgrid import Masks, labels_on_input_grid, region_box
@@ -64,16 +63,6 @@ class SegmentationResult:
     review: list[dict] | None = None
     # uint8 uncertainty on the first input's grid, when asked for (``Predictor(uncertainty=True)``)
     uncertainty: sitk.Image | None = None
-
-    def label_mask(self, value: int) -> tuple[Box, np.ndarray]:
-        """One label's mask as (box, bool array) in the input's index space."""
-        if self.masks is not None:
-            return self.masks[value]
-        array = sitk.GetArrayViewFromImage(self.label_map)
-        box = bounding_box(array == value, margin=0)
-        if box is None:
-            return Box.empty(), np.zeros((0, 0, 0), bool)
-        return Box.from_slices_kji(box), array[box] == value
 
 
 @dataclass(frozen=True)

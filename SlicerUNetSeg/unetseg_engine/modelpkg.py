@@ -199,8 +199,8 @@ class ModelPackage:
     @property
     def files(self) -> list[str]:
         """Every file of the package, relative to its folder (what import-model copies)."""
-        int8 = [f"int8/{f['file']}" for f in self.meta.get("int8", {}).get("files", [])]
-        return [METADATA_FILE] + [w["file"] for w in self.weight_files] + int8
+        desc = self.desc
+        return [METADATA_FILE] + [w.file for w in desc.weights] + [f"int8/{f.file}" for f in desc.int8_files]
 
     def int8_graph(self) -> Path | None:
         """The package's int8 OpenVINO graph (``model.xml``), after checking both its files against

@@ -611,13 +611,12 @@ def _nonzero_box(data: np.ndarray):
     for c in range(1, data.shape[0]):
         mask |= data[c] != 0
     mask = binary_fill_holes(mask)
-    if not mask.any():
+    from .boxes import bounding_box
+
+    box = bounding_box(mask, margin=0)
+    if box is None:
         return tuple(slice(0, s) for s in mask.shape), mask
-    box = []
-    for axis in range(3):
-        nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(int(nz[0]), int(nz[-1]) + 1))
-    return tuple(box), mask[tuple(box)]
+    return box, mask[box]
 
 
 def _grid_geometry(reference, box_kji, new_shape_kji):
@@ -769,13 +768,9 @@ def foreground_mask(logits: np.ndarray) -> np.ndarray:
 
 
 def _argmax(stack: np.ndarray) -> np.ndarray:
-    best = stack[0].copy()
-    index = np.zeros(best.shape, np.uint16)
-    for c in range(1, stack.shape[0]):
-        take = stack[c] > best
-        np.copyto(best, stack[c], where=take)
-        index[take] = c
-    return index
+    from .inputgrid import argmax_first_axis
+
+    return argmax_first_axis(stack, np.uint16)
 
 
 def needs_separate_z_export(prepared, section: dict[str, Any]) -> int | None:
@@ -969,15 +964,12 @@ def predict_merged(predictor, images, progress=None, cancel=None):
         score = 1.0 - score[0] / score.sum(axis=0)  # probability of not background
         image = sitk.GetImageFromArray(score.astype(np.float32))
         image.CopyInformation(prepared.grid)
-        from .postprocess import bounding_box
+        from .boxes import Box, bounding_box
 
         box = bounding_box(labels != 0, margin=0)
         if box is None:
             continue
-        start = [int(s.start) for s in box[::-1]]
-        from .preprocess import Box
-
-        ref = box_reference(reference, Box(tuple(start), tuple(int(s.stop - s.start) for s in box[::-1])))
+        ref = box_reference(reference, Box.from_slices_kji(box))
         p = sitk.GetArrayFromImage(sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0,
                                                  sitk.sitkFloat32))
         region, region_best, mine = out[box], best[box], labels[box]

@@ -92,13 +92,9 @@ def large_component_count(mask: np.ndarray) -> int:
 
 
 def _crop(mask: np.ndarray, margin: int = 2) -> tuple[slice, ...] | None:
-    if not mask.any():
-        return None
-    out = []
-    for axis in range(3):
-        nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        out.append(slice(max(0, nz[0] - margin), min(mask.shape[axis], nz[-1] + margin + 1)))
-    return tuple(out)
+    from .boxes import bounding_box
+
+    return bounding_box(mask, margin)
 
 
 # ---- confidence -------------------------------------------------------------------------------

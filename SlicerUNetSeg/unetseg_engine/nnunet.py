@@ -38,14 +38,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from .boxes import Box
 from .errors import UNetSegError
-
-if TYPE_CHECKING:
-    from .preprocess import Box
 
 # nnU-Net's network classes we can build, by the dotted names plans use -> our short name.
 ARCHITECTURE_CLASSES = {
@@ -606,15 +604,6 @@ def normalize(data: np.ndarray, mask: np.ndarray, section: dict[str, Any]) -> np
     return data
 
 
-def _box_ijk(slices_kji: tuple[slice, ...]) -> Box:
-    """The ``Box`` (start and size, i j k) of three (k, j, i) slices with their starts and stops set."""
-    from .preprocess import Box
-
-    k, j, i = slices_kji
-    return Box((int(i.start), int(j.start), int(k.start)),
-               (int(i.stop - i.start), int(j.stop - j.start), int(k.stop - k.start)))
-
-
 def _nonzero_box(data: np.ndarray):
     """nnU-Net's ``crop_to_nonzero`` box (and mask): non-zero in any channel, holes filled."""
     from scipy.ndimage import binary_fill_holes
@@ -623,13 +612,12 @@ def _nonzero_box(data: np.ndarray):
     for c in range(1, data.shape[0]):
         mask |= data[c] != 0
     mask = binary_fill_holes(mask)
-    if not mask.any():
+    from .boxes import bounding_box
+
+    box = bounding_box(mask, margin=0)
+    if box is None:
         return tuple(slice(0, s) for s in mask.shape), mask
-    box = []
-    for axis in range(3):
-        nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(int(nz[0]), int(nz[-1]) + 1))
-    return tuple(box), mask[tuple(box)]
+    return box, mask[box]
 
 
 def _grid_geometry(reference, box_kji, new_shape_kji):
@@ -684,7 +672,7 @@ def prepare(images: list, section: dict[str, Any]):
     data = resample(data, new_shape, axis, int(kw.get("order", 3)), int(kw.get("order_z", 0)))
     backward = section["transpose_backward"]
     grid = _grid_geometry(first, box, [new_shape[a] for a in backward])
-    prepared = Prepared(data, grid, _box_ijk(box), first)
+    prepared = Prepared(data, grid, Box.from_slices_kji(box), first)
     prepared.nnunet = {"current_spacing": current, "crop_shape": crop_shape}  # type: ignore[attr-defined]
     return prepared
 
@@ -779,13 +767,9 @@ def foreground_mask(logits: np.ndarray) -> np.ndarray:
 
 
 def _argmax(stack: np.ndarray) -> np.ndarray:
-    best = stack[0].copy()
-    index = np.zeros(best.shape, np.uint16)
-    for c in range(1, stack.shape[0]):
-        take = stack[c] > best
-        np.copyto(best, stack[c], where=take)
-        index[take] = c
-    return index
+    from .inputgrid import argmax_first_axis
+
+    return argmax_first_axis(stack, np.uint16)
 
 
 def needs_separate_z_export(prepared, section: dict[str, Any]) -> int | None:
@@ -981,12 +965,12 @@ def predict_merged(predictor, images, progress=None, cancel=None):
         score = 1.0 - score[0] / score.sum(axis=0)  # probability of not background
         image = sitk.GetImageFromArray(score.astype(np.float32))
         image.CopyInformation(prepared.grid)
-        from .postprocess import bounding_box
+        from .boxes import bounding_box
 
         box = bounding_box(labels != 0, margin=0)
         if box is None:
             continue
-        ref = box_reference(reference, _box_ijk(box))
+        ref = box_reference(reference, Box.from_slices_kji(box))
         p = sitk.GetArrayFromImage(sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0,
                                                  sitk.sitkFloat32))
         region, region_best, mine = out[box], best[box], labels[box]

@@ -92,13 +92,9 @@ def large_component_count(mask: np.ndarray) -> int:
 
 
 def _crop(mask: np.ndarray, margin: int = 2) -> tuple[slice, ...] | None:
-    if not mask.any():
-        return None
-    out = []
-    for axis in range(3):
-        nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        out.append(slice(max(0, nz[0] - margin), min(mask.shape[axis], nz[-1] + margin + 1)))
-    return tuple(out)
+    from .boxes import bounding_box
+
+    return bounding_box(mask, margin)
 
 
 # ---- confidence -------------------------------------------------------------------------------
@@ -210,7 +206,7 @@ def model_grid_masks(probs: np.ndarray, model) -> dict[int, np.ndarray]:
     if model.multilabel:
         threshold = model.meta["output"].get("threshold", 0.5)
         return {label["value"]: probs[c] > threshold for c, label in enumerate(model.labels)}
-    from .inference import _argmax_first_axis
+    from .inputgrid import argmax_first_axis as _argmax_first_axis
 
     top = _argmax_first_axis(probs, np.uint8 if probs.shape[0] < 255 else np.uint16)
     return {label["value"]: top == c + 1 for c, label in enumerate(model.labels)}

@@ -8,6 +8,8 @@ a crash or out-of-memory in inference cannot take Slicer down, and the model sta
 
 from __future__ import annotations
 
+from typing import Any
+
 import slicer
 import vtk
 from slicer.i18n import tr as _
@@ -69,11 +71,14 @@ def prop(widget, name):
 
 
 class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    logic: SlicerUNetSegLogic  # from ``setup`` on (Slicer calls it right after ``__init__``)
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
+        # a SlicerUNetSegParameterNode or None; Any because slicer's parameterNodeWrapper (untyped) adds
+        # the wrapper's constructor and connectGui/parameterNode, which mypy cannot see on the class
+        self._parameterNode: Any = None
         self._parameterNodeGuiTag = None
         self.models: list[dict] = []
         # Dialogs go through these, so tests and scripts can answer them.
@@ -150,7 +155,7 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.stop()
         if getattr(self, "learningPanel", None):
             self.learningPanel.cleanup()
-        if self.logic:
+        if getattr(self, "logic", None):  # not there when setup failed
             self.logic.shutdown()
 
     def enter(self) -> None:
@@ -160,7 +165,7 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self.logic and self.logic.isRunning():
+        if self.logic.isRunning():
             self.logic.cancel()
         self.setParameterNode(None)
 
@@ -169,8 +174,8 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        node = self._parameterNode
+        node = self.logic.getParameterNode()
+        self.setParameterNode(node)
         if not node.inputVolume:
             node.inputVolume = next((v for v in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
                                      if not v.IsA("vtkMRMLLabelMapVolumeNode")), None)
@@ -219,12 +224,13 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.setVisible(i < len(channels))
             if i < len(channels):
                 label.setText(f"Input volume ({channels[i]}):" if len(channels) > 1 else "Input volume:")
-        hasWindow = bool(model and model["default_window"])
+        defaultWindow = model["default_window"] if model else None
+        hasWindow = bool(defaultWindow)
         override = hasWindow and node.overrideWindow
-        if hasWindow and not node.overrideWindow and (node.windowLevel, node.windowWidth) != \
-                clampWindow(*model["default_window"]):
+        if defaultWindow and not node.overrideWindow and (node.windowLevel, node.windowWidth) != \
+                clampWindow(*defaultWindow):
             with slicer.util.NodeModify(node):  # shows the model's window
-                node.windowLevel, node.windowWidth = clampWindow(*model["default_window"])
+                node.windowLevel, node.windowWidth = clampWindow(*defaultWindow)
         self.ui.overrideWindowCheckBox.setEnabled(hasWindow)
         for widget in (self.ui.windowLevelSpinBox, self.ui.windowWidthSpinBox, self.ui.windowPresetComboBox):
             widget.setEnabled(override)
@@ -250,8 +256,8 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---- models, window, device -------------------------------------------------------------------
     def refreshModels(self, selectId: str | None = None) -> None:
         """The models of this computer, or those the server serves."""
-        self.models = self.logic.runner.serverModels()["models"] if self.logic.onServer else \
-            self.logic.listModels()
+        server = self.logic.server
+        self.models = server.serverModels()["models"] if server else self.logic.listModels()
         blocked = self.ui.modelComboBox.blockSignals(True)
         self.ui.modelComboBox.clear()
         for model in self.models:
@@ -375,17 +381,17 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceInfoLabel.setText("Enter the server's address and its token.")
             self.updateGui()
             return False
-        runner = self.logic.runner if self.logic.onServer else None
+        server = self.logic.server
         try:
-            if runner is None or runner.url != url.rstrip("/") or runner.token != token:
-                self.logic.useServer(url, token)
-            served = self.logic.runner.serverModels(refresh=True)
+            if server is None or server.url != url.rstrip("/") or server.token != token:
+                server = self.logic.useServer(url, token)
+            served = server.serverModels(refresh=True)
         except UNetSegError as error:
             self.ui.deviceInfoLabel.setText(f"Server not usable: {error}")
             self.log(f"Server not usable: {error}")
             self.updateGui()
             return False
-        self.ui.deviceInfoLabel.setText(panelText.serverText(self.logic.runner.url, served["environment"]))
+        self.ui.deviceInfoLabel.setText(panelText.serverText(server.url, served["environment"]))
         self.refreshModels(self._parameterNode.modelId if self._parameterNode else None)
         return True
 
@@ -408,6 +414,8 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if model is None:
                 self.showError("Choose one of the models the server serves.")
                 return
+        if node is None or model is None:  # the button is disabled then
+            return
         try:
             if self.runOn() == "local" and not dependencies.ensureDependencies(self.confirm, self.log):
                 self.log("Segmentation needs the Python packages listed above; not installed.")
@@ -435,7 +443,8 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except UNetSegError as error:
             self.showError(str(error))
             return
-        where = f"the server {self.logic.runner.url}" if self.logic.onServer else node.device
+        server = self.logic.server
+        where = f"the server {server.url}" if server else node.device
         self.log(f"Segmenting '{node.inputVolume.GetName()}' with '{model['title']}' on {where}"
                  + (f", window {window[0]:g}/{window[1]:g}" if window else ""))
         self.ui.progressBar.setValue(0)
@@ -470,7 +479,8 @@ class SlicerUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.log(f"Done on {job.device} ({panelText.runtimeTitle(job.runtime)}). "
                      + panelText.timingSummary(job.timings, job.warm))
             self.onShow3D(self.ui.show3DButton.isChecked())
-            self.review.segmentation = None  # the same node may hold a new result: show it afresh
+            if self.review is not None:  # the same node may hold a new result: show it afresh
+                self.review.segmentation = None
             self.updateReview(self._parameterNode or self.logic.getParameterNode())
             self.learningPanel.refresh()  # the new segments, for marking as reviewed
         elif job.state == "cancelled":

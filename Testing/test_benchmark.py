@@ -34,6 +34,19 @@ def test_clinical_grid_covers_the_same_extent():
     np.testing.assert_allclose(corners(grid), corners(image), atol=1e-6)
 
 
+def test_a_benchmark_child_asked_for_no_runs_is_refused_and_writes_nothing(tmp_path, capsys):
+    """``--runs 0`` left the child without a label map (an IndexError reported as the pipeline's
+    error): it is refused before anything is read or written."""
+    from unetseg_engine.benchmark import child_main
+
+    result, pred = tmp_path / "result.json", tmp_path / "pred.nrrd"
+    with pytest.raises(SystemExit) as refused:
+        child_main(["--child", "ours", "--input", str(tmp_path / "absent.nrrd"), "--model", "m",
+                    "--runs", "0", "--pred", str(pred), "--result", str(result)])
+    assert refused.value.code == 2 and "--runs must be at least 1" in capsys.readouterr().err
+    assert not result.exists() and not pred.exists()
+
+
 @pytest.mark.slow
 def test_benchmark_native_json_and_grids(tmp_path):
     ct_path, _ = openkbp("pt_201")

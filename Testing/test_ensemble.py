@@ -39,8 +39,8 @@ def _probabilities(package, ct) -> np.ndarray:
     # one runtime for all, so that the comparisons below see the averaging, not runtime rounding
     predictor = Predictor(device="cpu", runtime="torch")
     predictor.load(package)
-    prepared = prepare([ct], package.meta["preprocessing"], None)
-    return predictor._infer(prepared.array, lambda *a: None, lambda: False, [])
+    prepared = prepare([ct], package.desc.preprocessing, None)
+    return predictor.network.probabilities(prepared.array)[0]
 
 
 def test_ensemble_probabilities_are_the_mean_of_its_members(members, ct, tmp_path):

@@ -30,7 +30,7 @@ def test_cuda_matches_cpu(tiny_package):
 def test_out_of_memory_falls_back_with_a_message(tiny_package, monkeypatch):
     predictor = Predictor(device="cuda")
     predictor.load(tiny_package)
-    real = predictor._run_windows
+    real = predictor.network._run_windows
     calls = []
 
     def first_call_runs_out_of_memory(*args, **kwargs):
@@ -39,6 +39,6 @@ def test_out_of_memory_falls_back_with_a_message(tiny_package, monkeypatch):
             raise torch.cuda.OutOfMemoryError("simulated")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(predictor, "_run_windows", first_call_runs_out_of_memory)
+    monkeypatch.setattr(predictor.network, "_run_windows", first_call_runs_out_of_memory)
     result = predictor.predict([read_image(openkbp()[0])])
     assert len(calls) == 2 and result.messages and "out of memory" in result.messages[0]

@@ -8,6 +8,7 @@ from helpers import openkbp
 from unetseg_engine.errors import UNetSegError
 from unetseg_engine.imageio import read_image
 from unetseg_engine.inference import Predictor
+from unetseg_engine.windows import NetworkRunner
 
 torch = pytest.importorskip("torch")
 
@@ -18,22 +19,22 @@ def gpuPredictor(tiny_package, monkeypatch):
     machine has no GPU), moving them to the CPU is real."""
     predictor = Predictor(device="cpu", sw_batch_size=2)
     predictor.load(tiny_package)
-    predictor.device = "cuda"  # as built with device="cuda" on a GPU machine
+    predictor.device = predictor.network.device = "cuda"  # as built with device="cuda" on a GPU machine
     moves = []
-    real_move = getattr(Predictor, "_move_networks", None)
+    real_move = NetworkRunner._move_networks
 
     def move(self, device):
         moves.append(device)
         if device == "cpu":
             real_move(self, device)
 
-    monkeypatch.setattr(Predictor, "_move_networks", move, raising=False)
+    monkeypatch.setattr(NetworkRunner, "_move_networks", move)
     predictor.moves = moves
     return predictor
 
 
 def running_out_of_gpu_memory(predictor, monkeypatch, cpu_too=False):
-    real = predictor._run_windows
+    real = predictor.network._run_windows
     calls = []
 
     def run(array, args, sw_device, out_device, report, is_cancelled):
@@ -42,7 +43,7 @@ def running_out_of_gpu_memory(predictor, monkeypatch, cpu_too=False):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(array, args, sw_device, out_device, report, is_cancelled)
 
-    monkeypatch.setattr(predictor, "_run_windows", run)
+    monkeypatch.setattr(predictor.network, "_run_windows", run)
     return calls
 
 
@@ -54,7 +55,7 @@ def test_every_fallback_step_then_cpu_leaves_a_consistent_predictor(gpuPredictor
     assert len(result.messages) == 3 and all("out of memory" in m for m in result.messages)
     assert result.device == "cpu"  # what ran the network, not what was asked for ("Done on cuda")
     assert gpuPredictor.moves == ["cpu", "cuda"]  # back on the GPU for the next scan
-    assert gpuPredictor.device == "cuda"
+    assert gpuPredictor.device == gpuPredictor.network.device == "cuda"
     again = gpuPredictor.predict([ct])  # the warm predictor still works
     assert again.device == "cpu" and again.label_map.GetSize() == ct.GetSize()
     assert gpuPredictor.moves == ["cpu", "cuda"] * 2

@@ -90,8 +90,7 @@ def test_blending_tta_ensemble_cancel_and_progress_work_the_same_on_each_runtime
         predictor.load(ensemble)
         assert predictor.runtime == name and len(predictor.window_runners) == 2
         events = []
-        probs = predictor._infer(noise, lambda stage, f: events.append((stage, f)),
-                                 lambda: False, [])
+        probs, _ = predictor.network.probabilities(noise, lambda stage, f: events.append((stage, f)))
         return predictor, probs, [f for s, f in events if s == "inference"]
 
     _, expected, _ = probabilities("torch")

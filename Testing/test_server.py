@@ -336,3 +336,31 @@ def test_unetseg_submit_writes_the_local_result_and_a_dicom_seg_of_a_series(serv
     assert seg.Modality == "SEG" and seg.StudyInstanceUID == source.StudyInstanceUID
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
     assert [s.SegmentLabel for s in seg.SegmentSequence] == fast.label_names
+
+
+def test_a_cancel_racing_a_delete_of_the_same_job_answers_404_not_a_server_error(tmp_path, monkeypatch):
+    """``POST /jobs/{id}/cancel`` and ``DELETE /jobs/{id}`` at once: when the delete wins between the
+    cancel's look-up and its ``store.cancel``, the cancel answers 404 like any gone job (it used to use
+    the store's ``None`` answer as a job: a 500). In process: no workers, no model."""
+    from fastapi.testclient import TestClient
+
+    from unetseg_engine.server.app import create_app
+    from unetseg_engine.server.jobs import Job, JobStore
+
+    store = JobStore(tmp_path / "state", {})
+    store.folder("racing-job").mkdir()  # where the upload would be
+    job = store.add(Job(id="racing-job", model="m", output="nrrd", input_name="scan.nrrd",
+                        input_path="input/scan.nrrd"))
+    client = TestClient(create_app(store, TOKEN, 1 << 20))  # no ``with``: the workers never start
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.get(f"/jobs/{job.id}", headers=auth).json()["status"] == "queued"
+    cancel = store.cancel
+
+    def delete_wins_first(job_id: str):
+        with store.lock:  # what ``store.delete`` does to the table, from another request's thread
+            store.jobs.pop(job_id)
+        return cancel(job_id)
+
+    monkeypatch.setattr(store, "cancel", delete_wins_first)
+    answer = client.post(f"/jobs/{job.id}/cancel", headers=auth)
+    assert answer.status_code == 404 and "racing-job" in answer.json()["detail"]

@@ -198,7 +198,7 @@ def test_a_bad_overlap_sent_to_a_warm_worker_is_refused_and_it_keeps_serving(tin
     assert answers["batch"]["kind"] == "user" and "batch size" in answers["batch"]["message"]
     assert not (tmp_path / "2").exists()  # refused before anything ran or was written
     assert answers["again"]["event"] == "done" and answers["again"]["warm"]  # the same predictor, still warm
-    assert worker.predictor is not None and worker.predictor.overlap == 0.5
+    assert worker.predictor is not None and worker.predictor.overlap is None  # per run, not kept
 
 
 def test_the_worker_takes_the_geometry_from_the_input_files_header(tiny_package, tmp_path):

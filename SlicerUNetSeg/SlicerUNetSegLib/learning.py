@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import slicer
@@ -29,6 +29,11 @@ from unetseg_engine.errors import CancelledError, UNetSegError
 
 from .geometry import checkVolume, lpsGeometry
 from .review import REVIEWED_TAG  # segment tag: "1" when the user has reviewed the segment
+
+if TYPE_CHECKING:
+    from unetseg_engine.modelpkg import ModelPackage
+
+    from .workerRunner import InferenceRunner
 
 TRAINING_SET_SETTING = "SlicerUNetSeg/TrainingSetFolder"  # a folder holding one training set per model
 FINETUNE_CANCEL_GRACE_S = 20.0  # the worker stops between iterations; then its process tree is killed
@@ -96,6 +101,11 @@ class LearningLogicMixin:
     """The learn-from-corrections part of ``SlicerUNetSegLogic`` (needs ``self.finetuneRunner``)."""
 
     finetuneJob: FinetuneJob | None = None
+    finetuneRunner: InferenceRunner  # set by SlicerUNetSegLogic.__init__
+
+    if TYPE_CHECKING:  # SlicerUNetSegLogic's
+        @staticmethod
+        def getModel(modelId: str | None = None) -> ModelPackage: ...
 
     # ---- the training set -------------------------------------------------------------------------
     @staticmethod
@@ -253,8 +263,9 @@ class LearningLogicMixin:
 
     def cancelFinetune(self) -> None:
         """Stop the fine-tune: nothing is installed; the current model stays."""
-        if self.isFinetuning():
-            self.finetuneJob.state = "cancelling"
+        job = self.finetuneJob
+        if job is not None and not job.finished:
+            job.state = "cancelling"
             self.finetuneRunner.cancel()
 
     def pollFinetune(self) -> bool:

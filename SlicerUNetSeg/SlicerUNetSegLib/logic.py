@@ -21,7 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import slicer
@@ -38,6 +38,9 @@ from .review import ReviewLogicMixin, removeNodeAndItsParts
 from .segmentationBuilder import fillSegmentation, placeLikeVolume
 from .serverRunner import ServerRunner
 from .workerRunner import InferenceRunner, WorkerRunner
+
+if TYPE_CHECKING:
+    from unetseg_engine.modelpkg import ModelPackage
 
 ProgressCallback = Callable[[str, float], None]
 
@@ -86,13 +89,15 @@ class SlicerUNetSegLogic(ReviewLogicMixin, LearningLogicMixin, ScriptedLoadableM
         self.onEnvironment: Callable[[dict[str, Any]], None] | None = None
 
     # ---- where it runs -------------------------------------------------------------------------------
-    def useServer(self, url: str, token: str) -> None:
-        """Run the next segmentations on ``unetseg serve`` at ``url`` (the local worker is stopped)."""
+    def useServer(self, url: str, token: str) -> ServerRunner:
+        """Run the next segmentations on ``unetseg serve`` at ``url`` (the local worker is stopped);
+        returns the server's runner (also ``self.server``)."""
         if self.isRunning():
             raise UNetSegError("A segmentation is running; wait for it or cancel it first.")
         runner = ServerRunner(url, token)
         self.runner.shutdown()
         self.runner, self.environment = runner, None
+        return runner
 
     def useLocal(self) -> None:
         """Run the next segmentations in a worker process on this computer (the default)."""
@@ -106,8 +111,14 @@ class SlicerUNetSegLogic(ReviewLogicMixin, LearningLogicMixin, ScriptedLoadableM
     def onServer(self) -> bool:
         return isinstance(self.runner, ServerRunner)
 
+    @property
+    def server(self) -> ServerRunner | None:
+        """The runner of the server the segmentations run on, None when they run on this computer."""
+        return self.runner if isinstance(self.runner, ServerRunner) else None
+
     def getParameterNode(self):
-        return SlicerUNetSegParameterNode(super().getParameterNode())
+        # slicer.parameterNodeWrapper (untyped) gives the class a constructor that takes the MRML node
+        return SlicerUNetSegParameterNode(super().getParameterNode())  # type: ignore[call-arg]
 
     # ---- models -----------------------------------------------------------------------------------
     @staticmethod
@@ -124,7 +135,7 @@ class SlicerUNetSegLogic(ReviewLogicMixin, LearningLogicMixin, ScriptedLoadableM
         return [package.summary() for package in packages]
 
     @staticmethod
-    def getModel(modelId: str | None = None):
+    def getModel(modelId: str | None = None) -> ModelPackage:
         from unetseg_engine.modelpkg import get_model
 
         return get_model(modelId or None)
@@ -177,7 +188,8 @@ class SlicerUNetSegLogic(ReviewLogicMixin, LearningLogicMixin, ScriptedLoadableM
         if not isinstance(inputVolumes, (list, tuple)):
             inputVolumes = [inputVolumes]
         # on a server, the model is the one it serves (its labels come from there)
-        model = self.runner.model(modelId) if self.onServer else self.getModel(modelId)
+        server = self.server
+        model = server.model(modelId) if server else self.getModel(modelId)
         channels = [item["name"] for item in model.meta["inputs"]]
         if len(inputVolumes) != len(channels):
             raise UNetSegError(f"Model '{model.meta['title']}' needs {len(channels)} input volume(s) "
@@ -219,8 +231,9 @@ class SlicerUNetSegLogic(ReviewLogicMixin, LearningLogicMixin, ScriptedLoadableM
 
     def cancel(self) -> None:
         """Stop the running segmentation; the scene is left as it was. Takes effect within ~1 s."""
-        if self.isRunning():
-            self.job.state = "cancelling"
+        job = self.job
+        if job is not None and not job.finished:
+            job.state = "cancelling"
             self.runner.cancel()
 
     def poll(self) -> bool:

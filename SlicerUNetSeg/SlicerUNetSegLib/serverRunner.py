@@ -18,10 +18,13 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unetseg_engine.errors import CancelledError, UNetSegError
 from unetseg_engine.server.client import ServerClient
+
+if TYPE_CHECKING:
+    from unetseg_engine.modelpkg import ModelPackage
 
 
 class ServerRunner:
@@ -43,7 +46,7 @@ class ServerRunner:
             self._models = self.client.models()
         return self._models
 
-    def model(self, modelId: str | None):
+    def model(self, modelId: str | None) -> ModelPackage:
         """The served model as a ``ModelPackage`` description (labels, inputs; no weights here)."""
         from unetseg_engine.modelpkg import ModelPackage
 
@@ -81,7 +84,7 @@ class ServerRunner:
         threading.Thread(target=ask, daemon=True).start()
 
     def poll(self) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         while True:
             try:
                 event = self.events.get_nowait()

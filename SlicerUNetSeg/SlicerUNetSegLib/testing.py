@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,7 +62,7 @@ def makeTinyModel(folder: str | os.PathLike, modelId: str = TINY_MODEL_ID, seed:
 
     package = Path(folder) / modelId
     package.mkdir(parents=True, exist_ok=True)
-    network = {"architecture": "UNet", "spatial_dims": 3,
+    network: dict[str, Any] = {"architecture": "UNet", "spatial_dims": 3,
                "params": {"channels": [4, 8], "strides": [2], "num_res_units": 0, "norm": "instance"}}
     torch.manual_seed(seed)
     core = build_network("UNet", 3, len(inputs), len(TINY_LABELS) + 1, network["params"])
@@ -114,8 +115,8 @@ class StandInRunner:
 
     def __init__(self, labelValues) -> None:
         self.labelValues = list(labelValues)
-        self.pending = []
-        self.active = None
+        self.pending: list[dict[str, Any]] = []  # requests, and the answer to a cancel
+        self.active: str | None = None
 
     def start(self, request) -> None:
         self.active = request["id"]
@@ -192,7 +193,7 @@ def selfTestProcess(test, logicClass) -> None:
     test.delayDisplay("Loading a scan")
     case = openkbpCase("pt_201")
     if case is not None:
-        volume = loadVolumeFile(case[0], "pt_201 CT")
+        volume = loadVolumeFile(str(case[0]), "pt_201 CT")
     else:  # a synthetic CT with a non-identity direction
         volume = slicer.util.addVolumeFromArray(syntheticCt(), name="Synthetic CT")
         volume.SetIJKToRASDirections([[-1, 0, 0], [0, 0, 1], [0, -1, 0]])
@@ -221,9 +222,9 @@ def selfTestProcess(test, logicClass) -> None:
         logic = StandInLogic(runner=StandInRunner([label["value"] for label in model.labels]))
         modelId = model.id
     else:
-        modelId = "openkbp-hn-oar" if case is not None and any(
-            m["id"] == "openkbp-hn-oar" for m in logicClass.listModels()) else None
-        if modelId is None:
+        if case is not None and any(m["id"] == "openkbp-hn-oar" for m in logicClass.listModels()):
+            modelId = "openkbp-hn-oar"
+        else:
             modelsDir = tempfile.mkdtemp(prefix="SlicerUNetSegTest-")
             modelId = str(makeTinyModel(modelsDir))  # a package folder works as a model id
         logic = logicClass()

@@ -157,6 +157,7 @@ def _run_ours(args, result: dict[str, Any]) -> sitk.Image:
         stages = {"read_s": read_s, **out.timings}
         runs.append({"total_s": total, "stages": stages, "done": time.time()})
         label = out.label_map
+    assert label is not None  # --runs is at least 1
     result.update(_summary(runs, load_s, result))
     result.update(_window_figures(predictor, args))
     return label
@@ -214,6 +215,7 @@ def _run_reference(args, result: dict[str, Any]) -> sitk.Image:
         total = time.perf_counter() - t0
         runs.append({"total_s": total, "stages": {f"{k}_s": v for k, v in stages.items()},
                      "done": time.time()})
+    assert label is not None  # --runs is at least 1
     result.update(_summary(runs, load_s, result))
     return label
 
@@ -247,6 +249,8 @@ def child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pred", required=True, help="where to write the label map")
     parser.add_argument("--result", required=True, help="where to write the JSON result")
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     result: dict[str, Any] = {"pipeline": args.child, "device": args.device, "_created": started}
     try:
         import psutil

@@ -14,11 +14,15 @@ import os
 import stat
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import UNetSegError
+
+if TYPE_CHECKING:
+    from nibabel.nifti1 import Nifti1Header
 
 # deflate (gzip) cannot compress better than about 1032:1, so a .gz file holds at most this many bytes
 # of data per byte of file; a header claiming more describes data that is not there
@@ -92,11 +96,19 @@ def _check_size(what: str, size, dtype_name: str, item_bytes: int, file_bytes: i
                            "available. Crop or downsample it, or close other programs.")
 
 
-def _check_nifti(path: Path, what: str) -> None:
+def nifti_header(path: Path) -> Nifti1Header:
+    """The header of a NIfTI-1 or NIfTI-2 file (nibabel's ``Nifti1Header``; ``Nifti2Header`` is one)."""
     import nibabel as nib
 
+    header = nib.load(str(path)).header
+    if not isinstance(header, nib.Nifti1Header):
+        raise UNetSegError(f"'{path.name}' is not a NIfTI file.")
+    return header
+
+
+def _check_nifti(path: Path, what: str) -> None:
     try:
-        header = nib.load(str(path)).header
+        header = nifti_header(path)
         size, dtype = header.get_data_shape(), header.get_data_dtype()
         offset = int(header["vox_offset"])
     except Exception:  # not a NIfTI nibabel can parse: ITK's reader will say what is wrong
@@ -155,7 +167,7 @@ def _check_itk_header(path: Path, what: str) -> None:
         * components
     file_bytes = path.stat().st_size
     encoding = _local_encoding(path)
-    at_most = {"raw": file_bytes, "gzip": file_bytes * MAX_DEFLATE_RATIO}.get(encoding)
+    at_most = {"raw": file_bytes, "gzip": file_bytes * MAX_DEFLATE_RATIO}.get(encoding or "")
     pixel_type = sitk.GetPixelIDValueAsString(reader.GetPixelID())
     _check_size(what, reader.GetSize(), pixel_type, item_bytes, file_bytes, at_most)
 

@@ -180,7 +180,8 @@ def evaluate_model(model: str | None, dataset_dir: str, cases_sel: str, out: Pat
                               f"the dataset {dataset.root}")
     predictor = Predictor(device=device, tta=tta, runtime=runtime)
     predictor.load(package)
-    results, kept = [], []
+    results: list[dict[str, Any]] = []
+    kept: list[tuple[sitk.Image, sitk.Image, sitk.Image]] = []  # input, prediction, reference
     for index, case in enumerate(chosen):
         if cancel is not None and cancel():
             raise CancelledError("Evaluation was cancelled.")
@@ -205,7 +206,8 @@ def evaluate_model(model: str | None, dataset_dir: str, cases_sel: str, out: Pat
     colours = {label["value"]: (label["name"], label["color"]) for label in package.labels}
     out.mkdir(parents=True, exist_ok=True)
     for i in order:
-        overlay_png(out / f"worst_{results[i]['case']}.png", *kept[i], colours,
+        image, pred, ref = kept[i]
+        overlay_png(out / f"worst_{results[i]['case']}.png", image, pred, ref, colours,
                     f"{results[i]['case']}: mean Dice {results[i]['mean_dice']:.3f}", window)
     extra = {"model": package.id, "model_version": package.meta["version"], "dataset": str(dataset_dir),
              "device": predictor.device, "tta": tta, "cases_seen_in_training": seen}

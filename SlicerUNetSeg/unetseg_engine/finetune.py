@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -288,7 +289,7 @@ def finetune(model: str | None, dataset: str | Path, output: str | Path,
         reports[key] = evaluate_model(str(package.path), str(eval_root), ",".join(held_out),
                                       output / f"evaluation-{key}", settings.device, worst=0,
                                       runtime=settings.runtime, cancel=cancel,
-                                      progress=lambda f, s=stage: progress(s, f))
+                                      progress=partial(progress, stage))
         times[f"evaluate_{key}_s"] = time.perf_counter() - t
     gate = judge(reports["old"]["cases"], reports["new"]["cases"], old.label_names,
                  settings.mean_tolerance, settings.organ_tolerance, source)

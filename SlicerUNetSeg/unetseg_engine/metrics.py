@@ -29,6 +29,8 @@ import warnings
 import numpy as np
 from scipy import ndimage
 
+from .boxes import bounding_box
+
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
@@ -55,12 +57,9 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 def _union_box(pred: np.ndarray, ref: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
     """The bounding box of ``pred | ref`` (not both empty), grown by ``margin`` voxels: the metrics
     below only need the masks' neighbourhood, not the whole scan."""
-    both = pred | ref
-    box = []
-    for ax in range(both.ndim):
-        present = np.flatnonzero(both.any(axis=tuple(a for a in range(both.ndim) if a != ax)))
-        box.append(slice(max(0, int(present[0]) - margin), int(present[-1]) + 1 + margin))
-    return tuple(box)
+    box = bounding_box(pred | ref, margin)
+    assert box is not None, "both masks are empty"
+    return box
 
 
 def hd95(pred: np.ndarray, ref: np.ndarray, spacing_zyx=(1.0, 1.0, 1.0)) -> float:

@@ -16,11 +16,12 @@ import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
 from .errors import UNetSegError
+from .modeldesc import ModelDescription
 from .packagecheck import check_archive, check_package_runs, load_weights_file, read_metadata
 
 METADATA_FILE = "metadata.json"
@@ -102,10 +103,11 @@ def _validate_nnunet(meta: dict[str, Any], where: str) -> None:
     from . import nnunet  # imports no torch
 
     net, section = meta["network"], meta.get("nnunet")
-    problem = None
     if section is None:
-        problem = "framework 'nnunetv2' needs an 'nnunet' section"
-    elif meta["preprocessing"]["normalization"]["method"] != "nnunet":
+        raise UNetSegError(f"Model metadata {where} is invalid: framework 'nnunetv2' needs an 'nnunet' "
+                           "section.")
+    problem = None
+    if meta["preprocessing"]["normalization"]["method"] != "nnunet":
         problem = "an nnU-Net model's normalisation method must be 'nnunet'"
     elif meta["output"]["type"] != "multiclass":
         problem = "nnU-Net models give one label per voxel (output type multiclass)"
@@ -133,10 +135,19 @@ def sha256_of(path: Path) -> str:
 
 @dataclass
 class ModelPackage:
-    """A validated model package on disk."""
+    """A model package on disk: its folder and its metadata (validated by ``load_package``).
+
+    ``desc`` is the metadata as typed dataclasses (``modeldesc.py``), built once, on first use; the
+    engine's run path reads that, not ``meta``. ``meta`` stays for listing (which reads packages
+    without the schema) and for writing packages.
+    """
 
     path: Path
     meta: dict[str, Any] = field(repr=False)
+
+    @cached_property
+    def desc(self) -> ModelDescription:
+        return ModelDescription.from_meta(self.meta)
 
     @property
     def id(self) -> str:
@@ -152,11 +163,11 @@ class ModelPackage:
 
     @property
     def multilabel(self) -> bool:
-        return self.meta["output"]["type"] == "multilabel"
+        return self.desc.multilabel
 
     @property
     def out_channels(self) -> int:
-        return len(self.labels) + (0 if self.multilabel else 1)
+        return self.desc.out_channels
 
     @property
     def weight_files(self) -> list[dict[str, str]]:
@@ -167,7 +178,7 @@ class ModelPackage:
     @property
     def weights_key(self) -> str:
         """Identifies the weights (all members' SHA-256): equal keys mean the same network."""
-        return "+".join(w["sha256"] for w in self.weight_files)
+        return self.desc.weights_key
 
     @property
     def weights_bytes(self) -> int:
@@ -188,19 +199,19 @@ class ModelPackage:
     @property
     def files(self) -> list[str]:
         """Every file of the package, relative to its folder (what import-model copies)."""
-        int8 = [f"int8/{f['file']}" for f in self.meta.get("int8", {}).get("files", [])]
-        return [METADATA_FILE] + [w["file"] for w in self.weight_files] + int8
+        desc = self.desc
+        return [METADATA_FILE] + [w.file for w in desc.weights] + [f"int8/{f.file}" for f in desc.int8_files]
 
     def int8_graph(self) -> Path | None:
         """The package's int8 OpenVINO graph (``model.xml``), after checking both its files against
         their SHA-256; None when the package has none (see ``quantize.py``)."""
-        int8 = self.meta.get("int8")
-        if not int8:
+        entries = self.desc.int8_files
+        if not entries:
             return None
-        for entry in int8["files"]:
-            path = self.path / "int8" / entry["file"]
-            if not path.is_file() or sha256_of(path) != entry["sha256"]:
-                raise UNetSegError(f"The int8 graph of model '{self.id}' (int8/{entry['file']}) is missing "
+        for entry in entries:
+            path = self.path / "int8" / entry.file
+            if not path.is_file() or sha256_of(path) != entry.sha256:
+                raise UNetSegError(f"The int8 graph of model '{self.id}' (int8/{entry.file}) is missing "
                                    "or does not match its checksum; reinstall the model package, or run "
                                    "without --runtime openvino-int8.")
         return self.path / "int8" / "model.xml"
@@ -243,14 +254,16 @@ def load_package(path: str | os.PathLike, validate: bool = True) -> ModelPackage
     if not meta_path.is_file():
         raise UNetSegError(f"'{path}' is not a model package: it has no {METADATA_FILE}.")
     meta = read_metadata(meta_path)
+    package = ModelPackage(path, meta)
     if validate:
         validate_metadata(meta, str(meta_path))
+        package.desc  # noqa: B018 - built once, here, from the metadata just validated
     else:
         try:
-            ModelPackage(path, meta).summary()
+            package.summary()
         except (KeyError, TypeError, IndexError) as error:
             raise UNetSegError(f"'{meta_path}' is not a model description ({error!r}).") from None
-    return ModelPackage(path, meta)
+    return package
 
 
 def scan_models(versions: bool = True, validate: bool = True

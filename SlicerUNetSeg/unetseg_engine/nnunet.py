@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from .boxes import Box
 from .errors import UNetSegError
 
 # nnU-Net's network classes we can build, by the dotted names plans use -> our short name.
@@ -565,7 +566,7 @@ def resample(data: np.ndarray, new_shape, axis: int | None, order: int, order_z:
         tmp_shape[axis] = data.shape[axis + 1]
         tmp = np.zeros(tmp_shape)
         for i in range(data.shape[axis + 1]):
-            index = [slice(None)] * 3
+            index: list[slice | int] = [slice(None)] * 3
             index[axis] = i
             tmp[tuple(index)] = _resize(data[c][tuple(index)], inplane, order)
         if tmp.shape[axis] != new_shape[axis]:
@@ -611,13 +612,12 @@ def _nonzero_box(data: np.ndarray):
     for c in range(1, data.shape[0]):
         mask |= data[c] != 0
     mask = binary_fill_holes(mask)
-    if not mask.any():
+    from .boxes import bounding_box
+
+    box = bounding_box(mask, margin=0)
+    if box is None:
         return tuple(slice(0, s) for s in mask.shape), mask
-    box = []
-    for axis in range(3):
-        nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(int(nz[0]), int(nz[-1]) + 1))
-    return tuple(box), mask[tuple(box)]
+    return box, mask[box]
 
 
 def _grid_geometry(reference, box_kji, new_shape_kji):
@@ -648,7 +648,7 @@ def prepare(images: list, section: dict[str, Any]):
     """
     import SimpleITK as sitk
 
-    from .preprocess import Box, Prepared
+    from .preprocess import Prepared
 
     first = images[0]
     for image in images[1:]:
@@ -672,9 +672,7 @@ def prepare(images: list, section: dict[str, Any]):
     data = resample(data, new_shape, axis, int(kw.get("order", 3)), int(kw.get("order_z", 0)))
     backward = section["transpose_backward"]
     grid = _grid_geometry(first, box, [new_shape[a] for a in backward])
-    start = tuple(int(b.start) for b in box[::-1])
-    size = tuple(int(s) for s in crop_shape[::-1])
-    prepared = Prepared(data, grid, Box(start, size), first)
+    prepared = Prepared(data, grid, Box.from_slices_kji(box), first)
     prepared.nnunet = {"current_spacing": current, "crop_shape": crop_shape}  # type: ignore[attr-defined]
     return prepared
 
@@ -769,13 +767,9 @@ def foreground_mask(logits: np.ndarray) -> np.ndarray:
 
 
 def _argmax(stack: np.ndarray) -> np.ndarray:
-    best = stack[0].copy()
-    index = np.zeros(best.shape, np.uint16)
-    for c in range(1, stack.shape[0]):
-        take = stack[c] > best
-        np.copyto(best, stack[c], where=take)
-        index[take] = c
-    return index
+    from .inputgrid import argmax_first_axis
+
+    return argmax_first_axis(stack, np.uint16)
 
 
 def needs_separate_z_export(prepared, section: dict[str, Any]) -> int | None:
@@ -796,14 +790,15 @@ def export_separate_z(logits: np.ndarray, prepared, section: dict[str, Any], is_
     info = prepared.nnunet
     target_shape = [info["crop_shape"][a] for a in forward]
     axis = separate_z(section["spacing"], info["current_spacing"], kw.get("force_separate_z"))
-    best = index = None
+    best: np.ndarray | None = None
+    index: np.ndarray | None = None
     for c in range(logits.shape[0]):
         if is_cancelled():
             raise CancelledError()
         channel = logits[c].transpose(forward)[None]
         r = resample(channel, target_shape, axis, int(kw.get("order", 1)), int(kw.get("order_z", 0)))
         r = r[0].transpose(section["transpose_backward"])
-        if best is None:
+        if best is None or index is None:
             best, index = r, np.zeros(r.shape, np.uint16)
         else:
             take = r > best
@@ -871,7 +866,8 @@ def write_merged(folder: str | os.PathLike, members: list, model_id: str, title:
             raise UNetSegError(f"Model '{m.id}' is not an imported nnU-Net model; only those merge.")
         if [i["name"] for i in m.meta["inputs"]] != [i["name"] for i in members[0].meta["inputs"]]:
             raise UNetSegError(f"Models '{members[0].id}' and '{m.id}' take different inputs.")
-    labels, merge = [], []
+    labels: list[dict[str, Any]] = []
+    merge: list[dict[str, Any]] = []
     for index, m in enumerate(members, start=1):
         values = {}
         for label in m.labels:
@@ -969,15 +965,12 @@ def predict_merged(predictor, images, progress=None, cancel=None):
         score = 1.0 - score[0] / score.sum(axis=0)  # probability of not background
         image = sitk.GetImageFromArray(score.astype(np.float32))
         image.CopyInformation(prepared.grid)
-        from .postprocess import bounding_box
+        from .boxes import bounding_box
 
         box = bounding_box(labels != 0, margin=0)
         if box is None:
             continue
-        start = [int(s.start) for s in box[::-1]]
-        from .preprocess import Box
-
-        ref = box_reference(reference, Box(tuple(start), tuple(int(s.stop - s.start) for s in box[::-1])))
+        ref = box_reference(reference, Box.from_slices_kji(box))
         p = sitk.GetArrayFromImage(sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0,
                                                  sitk.sitkFloat32))
         region, region_best, mine = out[box], best[box], labels[box]

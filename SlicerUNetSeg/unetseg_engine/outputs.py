@@ -160,11 +160,9 @@ def verify_image_file(tmp: str, image: sitk.Image, layers: bool = False) -> None
     if not grid_ok:
         raise _Incomplete("the file read back does not have the label map's size and geometry")
     if tmp.lower().endswith((".nii", ".nii.gz")):
-        import nibabel as nib
+        from .checks import nifti_header, scan_nifti_data
 
-        from .checks import scan_nifti_data
-
-        header = nib.load(tmp).header
+        header = nifti_header(Path(tmp))
         try:
             scan_nifti_data(Path(tmp), int(header["vox_offset"]), int(np.prod(header.get_data_shape())),
                             header.get_data_dtype(), "label map written")

@@ -5,12 +5,16 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checks import check_settings, modality_warnings
 from .dicomseries import check_modality
 from .errors import UNetSegError
 from .imageio import read_image
 from .outputs import LABEL_EXTENSIONS, SEG_EXTENSION, check_output_path, write_label_map
+
+if TYPE_CHECKING:
+    from .inference import Predictor, SegmentationResult
 
 DICOM_EXTENSION = ".dcm"
 
@@ -106,7 +110,7 @@ def write_result(result, out_path: Path, kind: str, dicom=None) -> list[str]:
     return []
 
 
-def load_predictor(package, **knobs):
+def load_predictor(package, **knobs) -> Predictor:
     """A ``Predictor`` with ``knobs`` (device, overlap, sw_batch_size, tta, postprocess) and
     ``package`` loaded: what ``segment`` uses once and ``batch`` keeps warm over every study."""
     from .inference import Predictor
@@ -116,8 +120,8 @@ def load_predictor(package, **knobs):
     return predictor
 
 
-def run_one(predictor, images, out_path: Path, kind: str, *, window=None, progress=None,
-            dicom=None, cancel=None) -> tuple[object, dict[str, float], list[str]]:
+def run_one(predictor: Predictor, images, out_path: Path, kind: str, *, window=None, progress=None,
+            dicom=None, cancel=None) -> tuple[SegmentationResult, dict[str, float], list[str]]:
     """Segment already-read ``images`` with a loaded ``predictor`` and write the result: the step
     ``segment``, ``batch`` and the server's workers share. Returns (result, timings, notes).
     ``cancel``: a callable; when it returns True the run stops with ``CancelledError``."""
@@ -152,21 +156,20 @@ def segment_files(inputs: list[str], output: str, *, model: str | None = None, d
     out_path = check_output(output, kind, inputs)
     extra_outputs = check_extra_outputs(out_path, inputs, uncertainty, review_json)
     package = get_model(model)
-    n_expected = len(package.meta["inputs"])
-    if len(inputs) != n_expected:
-        names = ", ".join(i["name"] for i in package.meta["inputs"])
-        raise UNetSegError(f"Model '{package.id}' takes {n_expected} input volume(s) ({names}); "
-                           f"{len(inputs)} were given.")
+    desc = package.desc
+    if len(inputs) != desc.n_inputs:
+        raise UNetSegError(f"Model '{desc.id}' takes {desc.n_inputs} input volume(s) "
+                           f"({', '.join(desc.inputs)}); {len(inputs)} were given.")
     for path in inputs:
         if Path(path).is_dir():  # a DICOM series says what it is: an MR series for a CT model is refused
-            check_modality(path, package.meta["modality"], package.id)
+            check_modality(path, desc.modality, desc.id)
     dicom = dicom_source(inputs[0]) if kind == "dicom-seg" else None
     progress = TerminalProgress(quiet=quiet)
     progress("reading input", 0.0)
     t = time.perf_counter()
     images = [read_image(p) for p in inputs]
     timings["read_s"] = time.perf_counter() - t
-    warnings = modality_warnings(images, package.meta["modality"])
+    warnings = modality_warnings(images, desc.modality)
     for warning in warnings:
         print(f"unetseg: warning: {warning}", file=sys.stderr)
 
@@ -230,7 +233,7 @@ def write_review_outputs(result, uncertainty_path: Path | None, review_path: Pat
     if uncertainty_path is not None and result.uncertainty is not None:
         write_label_map(result.uncertainty, uncertainty_path)
     if review_path is not None:
-        text = json.dumps({"model": result.model.id, "model_version": result.model.meta["version"],
+        text = json.dumps({"model": result.model.id, "model_version": result.model.desc.version,
                            "labels": result.review}, indent=2) + "\n"
         atomic_write(review_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 

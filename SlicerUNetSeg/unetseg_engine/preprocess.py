@@ -8,6 +8,7 @@ the same geometry and intensities in training and in use.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import product
 from typing import Any
@@ -15,20 +16,15 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from .boxes import Box, box_reference, mask_extent
 from .errors import UNetSegError
+from .modeldesc import Normalization
+from .modeldesc import Preprocessing as PreprocessingSpec
+
+__all__ = ["Box", "Prepared", "background_value", "box_reference", "foreground_box", "model_grid",
+           "normalize", "prepare", "resample_to"]
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-
-
-@dataclass(frozen=True)
-class Box:
-    """A box of voxels of an image: start index and size, both (i, j, k)."""
-
-    start: tuple[int, int, int]
-    size: tuple[int, int, int]
-
-    def slices_kji(self) -> tuple[slice, slice, slice]:
-        return tuple(slice(s, s + n) for s, n in zip(self.start[::-1], self.size[::-1]))  # type: ignore
 
 
 def foreground_box(image: sitk.Image, threshold: float | None, margin_mm: float = 10.0) -> Box:
@@ -38,19 +34,16 @@ def foreground_box(image: sitk.Image, threshold: float | None, margin_mm: float 
     512 x 512 x 600 scan; the margin covers the stride.
     """
     size = image.GetSize()
+    whole = Box.of((0, 0, 0), size)
     if threshold is None:
-        return Box((0, 0, 0), tuple(size))
+        return whole
     view = sitk.GetArrayViewFromImage(image)
     stride = 2 if view.size > 4_000_000 else 1
-    mask = view[::stride, ::stride, ::stride] > threshold
-    if not mask.any():
-        return Box((0, 0, 0), tuple(size))
-    lo, hi = [], []
-    for axis_kji in range(3):
-        other = tuple(a for a in range(3) if a != axis_kji)
-        nz = np.flatnonzero(mask.any(axis=other))
-        lo.append(nz[0] * stride)
-        hi.append(min(nz[-1] * stride + stride, view.shape[axis_kji]))
+    extent = mask_extent(view[::stride, ::stride, ::stride] > threshold)
+    if extent is None:
+        return whole
+    lo = [first * stride for first in extent[0]]
+    hi = [min(last * stride + stride, view.shape[axis]) for axis, last in enumerate(extent[1])]
     spacing = image.GetSpacing()
     start, box_size = [], []
     for axis_ijk in range(3):
@@ -58,29 +51,19 @@ def foreground_box(image: sitk.Image, threshold: float | None, margin_mm: float 
         margin = int(np.ceil(margin_mm / spacing[axis_ijk])) + stride
         s = max(0, lo[a] - margin)
         e = min(size[axis_ijk], hi[a] + margin)
-        start.append(int(s))
-        box_size.append(int(e - s))
-    return Box(tuple(start), tuple(box_size))
+        start.append(s)
+        box_size.append(e - s)
+    return Box.of(start, box_size)
 
 
-def box_reference(image: sitk.Image, box: Box) -> sitk.Image:
-    """An empty image with the geometry of ``box`` inside ``image`` (same spacing and direction)."""
-    ref = sitk.Image(list(box.size), sitk.sitkUInt8)
-    ref.SetSpacing(image.GetSpacing())
-    ref.SetDirection(image.GetDirection())
-    ref.SetOrigin(image.TransformIndexToPhysicalPoint([int(s) for s in box.start]))
-    return ref
-
-
-def model_grid(image: sitk.Image, box: Box, spacing_xyz, min_size_xyz=None) -> sitk.Image:
+def model_grid(image: sitk.Image, box: Box, spacing_xyz: tuple[float, ...],
+               min_size_xyz: tuple[int, ...] | None = None) -> sitk.Image:
     """An empty, axis-aligned (identity direction) grid at ``spacing_xyz`` covering ``box`` of ``image``.
 
     ``min_size_xyz`` pads the grid symmetrically so it is at least one patch large.
     """
-    corners = []
-    for c in product(*[(s - 0.5, s + n - 0.5) for s, n in zip(box.start, box.size)]):
-        corners.append(image.TransformContinuousIndexToPhysicalPoint([float(v) for v in c]))
-    corners = np.array(corners)
+    corners = np.array([image.TransformContinuousIndexToPhysicalPoint([float(v) for v in c])
+                        for c in product(*[(s - 0.5, s + n - 0.5) for s, n in zip(box.start, box.size)])])
     lo, hi = corners.min(axis=0), corners.max(axis=0)
     spacing = np.asarray(spacing_xyz, dtype=float)
     size = np.maximum(np.ceil((hi - lo) / spacing - 1e-6).astype(int), 1)
@@ -96,14 +79,14 @@ def model_grid(image: sitk.Image, box: Box, spacing_xyz, min_size_xyz=None) -> s
 
 
 def resample_to(image: sitk.Image, reference: sitk.Image, *, nearest: bool = False,
-                default: float = 0.0, pixel_type=sitk.sitkFloat32) -> sitk.Image:
+                default: float = 0.0, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
     """Resample ``image`` onto ``reference``'s grid (linear, or nearest for label maps)."""
     interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
     return sitk.Resample(image, reference, sitk.Transform(), interpolator, float(default), pixel_type)
 
 
-def normalize(array: np.ndarray, spec: dict[str, Any], window: tuple[float, float] | None = None,
-              mask: np.ndarray | None = None) -> np.ndarray:
+def normalize(array: np.ndarray, spec: Normalization | Mapping[str, Any],
+              window: tuple[float, float] | None = None, mask: np.ndarray | None = None) -> np.ndarray:
     """Scale intensities as the model says; returns float32 (the input is not modified).
 
     - ``ct_window``: clip to [level - width/2, level + width/2], then scale to [0, 1]. ``window``
@@ -111,10 +94,14 @@ def normalize(array: np.ndarray, spec: dict[str, Any], window: tuple[float, floa
     - ``zscore``: subtract the mean and divide by the standard deviation (inside ``mask`` if given).
     - ``percentile``: clip to the given percentiles, then scale to [0, 1].
     """
-    method = spec.get("method")
+    norm = spec if isinstance(spec, Normalization) else Normalization.from_meta(spec)
+    method = norm.method
     x = np.asarray(array, dtype=np.float32)
     if method == "ct_window":
-        level, width = window if window is not None else (spec["level"], spec["width"])
+        chosen = window if window is not None else norm.window
+        if chosen is None:
+            raise UNetSegError("A ct_window normalisation needs a level and a width.")
+        level, width = chosen
         if width <= 0:
             raise UNetSegError(f"The intensity window width must be positive (got {width}).")
         lower = level - width / 2.0
@@ -127,15 +114,16 @@ def normalize(array: np.ndarray, spec: dict[str, Any], window: tuple[float, floa
         mean, std = float(values.mean()), float(values.std())
         return (x - np.float32(mean)) / np.float32(max(std, 1e-6))
     if method == "percentile":
-        lo, hi = np.percentile(values, [spec.get("lower", 0.5), spec.get("upper", 99.5)])
+        lo, hi = np.percentile(values, [norm.lower, norm.upper])
         out = (x - np.float32(lo)) * np.float32(1.0 / max(hi - lo, 1e-6))
         return np.clip(out, 0.0, 1.0, out=out)
     raise UNetSegError(f"Unknown normalisation method '{method}'.")
 
 
-def background_value(spec: dict[str, Any], image: sitk.Image) -> float:
+def background_value(spec: Normalization | Mapping[str, Any], image: sitk.Image) -> float:
     """The value used outside the scan when resampling: air for CT, the minimum otherwise."""
-    if spec.get("method") == "ct_window":
+    method = spec.method if isinstance(spec, Normalization) else spec.get("method")
+    if method == "ct_window":
         return -1024.0
     return float(sitk.GetArrayViewFromImage(image).min())
 
@@ -150,21 +138,25 @@ class Prepared:
     reference: sitk.Image  # the first input image (geometry of the output)
 
 
-def prepare(images: list[sitk.Image], preprocessing: dict[str, Any],
+def prepare(images: list[sitk.Image], preprocessing: PreprocessingSpec | Mapping[str, Any],
             window: tuple[float, float] | None = None) -> Prepared:
-    """Crop to the foreground, resample every channel once onto the model grid, normalise."""
+    """Crop to the foreground, resample every channel once onto the model grid, normalise.
+
+    ``preprocessing``: the model's (``package.desc.preprocessing``; its metadata section also works).
+    """
     if not images:
         raise UNetSegError("No input volume was given.")
+    spec = preprocessing if isinstance(preprocessing, PreprocessingSpec) else \
+        PreprocessingSpec.from_meta(preprocessing)
     first = images[0]
-    crop = preprocessing.get("foreground_crop") or {}
-    box = foreground_box(first, crop.get("threshold") if crop.get("enabled", True) else None,
-                         float(crop.get("margin_mm", 10.0)))
-    grid = model_grid(first, box, preprocessing["spacing_mm"])
-    norm = preprocessing["normalization"]
+    crop = spec.foreground_crop
+    box = foreground_box(first, crop.box_threshold, crop.margin_mm)
+    grid = model_grid(first, box, spec.spacing_mm)
+    norm = spec.normalization
     channels = []
     for image in images:
         resampled = resample_to(image, grid, default=background_value(norm, image))
         arr = sitk.GetArrayFromImage(resampled)
-        mask = arr > float(crop["threshold"]) if crop.get("threshold") is not None else None
+        mask = arr > crop.threshold if crop.threshold is not None else None
         channels.append(normalize(arr, norm, window, mask))
     return Prepared(np.stack(channels), grid, box, first)

@@ -21,6 +21,7 @@ one line in the result's messages, and the predictor runs on PyTorch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import io
@@ -121,10 +122,12 @@ def onnx_graph(make_network: Callable[[], Any], weights_sha256: str, window_zyx:
             kwargs: dict[str, Any] = {"input_names": ["x"], "output_names": ["logits"],
                                       "opset_version": OPSET,
                                       "dynamic_axes": {"x": {0: "batch"}, "logits": {0: "batch"}}}
+            # torch's annotation says a path, but the exporter writes to any binary file object
+            target: Any = buffer
             try:  # the TorchScript exporter: 4 s here against 11 s for the torch.export one
-                torch.onnx.export(network, (sample,), buffer, dynamo=False, **kwargs)
+                torch.onnx.export(network, (sample,), target, dynamo=False, **kwargs)
             except TypeError:  # a PyTorch without the ``dynamo`` switch exports this way anyway
-                torch.onnx.export(network, (sample,), buffer, **kwargs)
+                torch.onnx.export(network, (sample,), target, **kwargs)
     except Exception as error:  # noqa: BLE001 - any exporter failure means: run on PyTorch
         raise RuntimeUnavailable(f"the network could not be exported to ONNX ({type(error).__name__}: "
                                  f"{str(error).splitlines()[0] if str(error) else ''})") from error
@@ -203,7 +206,8 @@ class OnnxRuntimeRunner:
         return _one_window_at_a_time(self._run, x)
 
 
-RUNNERS = {"openvino": OpenVINORunner, "onnxruntime": OnnxRuntimeRunner}
+RUNNERS: dict[str, Callable[[Path, int], WindowRunner]] = {"openvino": OpenVINORunner,
+                                                           "onnxruntime": OnnxRuntimeRunner}
 
 
 def build_runner(name: str, make_network: Callable[[], Any], weights_sha256: str, window_zyx,
@@ -258,8 +262,8 @@ def select_runtime(requested: str, device: str, networks: list, make_network: Ca
     built: dict[str, list[WindowRunner]] = {"torch": list(networks)}
     for name in wanted:
         try:
-            built[name] = [build_runner(name, lambda i=i: make_network(i), weights_sha256[i], window_zyx,
-                                        in_channels, threads) for i in range(len(networks))]
+            built[name] = [build_runner(name, functools.partial(make_network, i), weights_sha256[i],
+                                        window_zyx, in_channels, threads) for i in range(len(networks))]
         except RuntimeUnavailable as error:
             notes.append(f"{RUNTIME_TITLES[name]} is not available: {error}; running on PyTorch.")
     if requested == "auto" and len(built) > 1:
@@ -296,7 +300,7 @@ def fastest(runners: dict[str, WindowRunner], sample, rounds: int = 1) -> tuple[
                 t = time.perf_counter()
                 runner(sample)
                 best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
-    return min(best, key=best.get), best
+    return min(best, key=best.__getitem__), best
 
 
 def choose_auto(runners: dict[str, WindowRunner], weights_sha256: str, window_zyx, in_channels: int,

@@ -134,7 +134,7 @@ def add_case(root: str | os.PathLike, images: list[sitk.Image], label: sitk.Imag
         (root / sub).mkdir(parents=True, exist_ok=True)
     image_paths = [root / "imagesTr" / f"{case_id}_{c:04d}{ENDING}" for c in range(len(images))]
     for image, path in zip(images, image_paths):
-        atomic_write(path, lambda tmp, image=image: sitk.WriteImage(image, tmp, useCompression=True),
+        atomic_write(path, partial(sitk.WriteImage, image, useCompression=True),
                      verify=partial(verify_image_file, image=image))
     table[case_id] = reviewed
     _write_json(partial_path, table)

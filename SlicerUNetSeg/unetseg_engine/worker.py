@@ -67,18 +67,17 @@ if TYPE_CHECKING:
 ProgressCallback = Callable[[str, float], None]
 
 
-def apply_run_settings(predictor: Predictor, settings: RunSettings) -> None:
-    """The one place a (possibly warm) predictor's per-run settings change: checked first with the
-    bounds its constructor applies (``checks.check_settings``), so a bad overlap is refused before
-    anything changes, on a cached predictor as on a new one."""
-    from .checks import check_settings
+def checked_settings(settings: RunSettings) -> dict[str, Any]:
+    """The one place a request's per-run settings are checked, before anything is read or loaded:
+    ``inference.RunSettings`` refuses them as the predictor's constructor does
+    (``checks.check_settings``). Returns them as ``Predictor.with_settings`` takes them."""
+    from dataclasses import asdict
 
-    check_settings(overlap=settings.overlap, sw_batch_size=settings.sw_batch_size)
-    predictor.overlap = settings.overlap
-    predictor.sw_batch_size = settings.sw_batch_size
-    predictor.tta = settings.tta
-    predictor.postprocess = settings.postprocess
-    predictor.uncertainty = settings.uncertainty
+    from .inference import RunSettings as PredictorSettings
+
+    changes = asdict(settings)
+    PredictorSettings(**changes)  # raises UNetSegError for an overlap out of range, a batch below 1
+    return changes
 
 
 class Worker:
@@ -131,14 +130,14 @@ class Worker:
                 self.run_job(request.id, lambda: self._finetune(request))
 
     def _predictor(self, request: SegmentRequest) -> Predictor:
+        """The warm predictor for the request's device and runtime (built again when they change);
+        its own settings stay the defaults: each run gets ``with_settings``' copy."""
         from .inference import Predictor
 
-        settings = request.settings
         key = (request.device, request.runtime)
         if self.predictor is None or self.predictor_key != key:
             self.predictor = Predictor(device=key[0], runtime=key[1])
             self.predictor_key = key
-        apply_run_settings(self.predictor, settings)
         return self.predictor
 
     def segment(self, request: SegmentRequest) -> None:
@@ -230,11 +229,13 @@ class Worker:
         t = time.perf_counter()
         package = get_model(request.model)
         check_cancelled()
-        predictor = self._predictor(request)  # imports torch the first time: seconds
+        settings = checked_settings(request.settings)  # imports torch the first time: seconds
+        base = self._predictor(request)
         check_cancelled()
-        warm = predictor.has_loaded(package)
+        warm = base.has_loaded(package)
         progress("loading model" if not warm else "model already loaded", 0.0)
-        predictor.load(package)
+        base.load(package)
+        predictor = base.with_settings(**settings)  # shares the loaded networks; base unchanged
         timings["load_model_s"] = time.perf_counter() - t
         check_cancelled()
         result = predictor.predict(images, window=request.window, progress=progress, cancel=is_cancelled)

@@ -72,8 +72,9 @@ def create_app(store: JobStore, token: str, max_upload_bytes: int, on_ready=None
                   openapi_url=None)
     auth = [Depends(check_token)]
 
-    def job_or_404(job_id: str) -> Job:
-        job = store.get(job_id)
+    def job_or_404(job_id: str, job: Job | None = None) -> Job:
+        """``job`` (by default the store's job ``job_id``), or a 404 when there is none."""
+        job = job or store.get(job_id)
         if job is None:
             raise HTTPException(404, f"No job '{job_id}' here: finished jobs are deleted once their result "
                                      f"is downloaded, or {store.keep_s / 60:g} minutes after they end.")
@@ -139,8 +140,8 @@ def create_app(store: JobStore, token: str, max_upload_bytes: int, on_ready=None
 
     @app.post("/jobs/{job_id}/cancel", dependencies=auth)
     def cancel(job_id: str) -> dict:
-        job_or_404(job_id)
-        return store.cancel(job_id).public()
+        # the store's answer, not an earlier look-up: the job may be deleted in between
+        return job_or_404(job_id, store.cancel(job_id)).public()
 
     @app.delete("/jobs/{job_id}", dependencies=auth)
     def delete(job_id: str) -> dict:

@@ -16,6 +16,7 @@ one worker on a CPU uses all its cores (``--threads``). On a CUDA machine worker
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import queue
@@ -169,7 +170,7 @@ class JobStore:
     def result_path(self, job: Job) -> Path:
         return self.folder(job.id) / OUTPUTS[job.output][1]
 
-    def expire(self, now: float | None = None) -> list[str]:
+    def expire(self, now: float | None = None) -> builtins.list[str]:  # (``list`` is the method)
         """Delete finished jobs older than ``keep_s`` (not downloaded in time)."""
         now = time.time() if now is None else now
         with self.lock:

@@ -1,0 +1,192 @@
+"""``unetseg batch --cluster``: a Dask LocalCluster of 2 worker processes started here, the same
+inputs run locally and on it: identical labels, the same summary rows, resume, a failing study, the
+model loaded once per worker, and the refusals (unreachable scheduler, a worker that cannot see the
+files)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+
+from helpers import REPO, make_package, openkbp, tiny_meta, write_ct_series
+from unetseg_engine.cli import main
+
+distributed = pytest.importorskip(
+    "distributed", reason="Dask distributed is not installed (pip install '.[cluster]'), which "
+    "'unetseg batch --cluster' needs; the cluster batch is not tested")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """The tiny model test_batch.py uses: a random 3-class network that finds labels 1 and 2."""
+    return make_package(tmp_path_factory.mktemp("models") / "tiny-cluster", tiny_meta("tiny-cluster"),
+                        bias={1: 2.0, 2: 1.0})
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """Crops of two real OpenKBP CTs as NIfTI and NRRD, one as a DICOM series, and a broken scan."""
+    root = tmp_path_factory.mktemp("cluster") / "in"
+    ct201 = sitk.ReadImage(str(openkbp("pt_201")[0]))
+    ct236 = sitk.ReadImage(str(openkbp("pt_236")[0]))
+    (root / "patient1").mkdir(parents=True)
+    sitk.WriteImage(ct201[:, :, 40:80], str(root / "patient1" / "ct.nii.gz"))
+    (root / "patient3").mkdir()
+    sitk.WriteImage(ct236[:, :, 30:70], str(root / "patient3" / "ct.nrrd"))
+    write_ct_series(ct201[:, :, 50:90], root / "patient2" / "dicom")
+    (root / "broken").mkdir()
+    (root / "broken" / "scan.nrrd").write_bytes(b"NRRD0004\nnot really\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """2 worker processes of 1 thread on loopback; closed (no process left) after the module."""
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "SlicerUNetSeg"),
+                                                     os.environ.get("PYTHONPATH")) if p),
+           "OMP_NUM_THREADS": "1", "UNETSEG_CACHE": str(tmp_path_factory.mktemp("worker-cache"))}
+    local = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                     dashboard_address=":0", memory_limit="4GiB", env=env,
+                                     silence_logs=logging.ERROR)
+    client = distributed.Client(local, set_as_default=False)
+    try:
+        client.wait_for_workers(2, timeout=120)
+        yield local, client
+    finally:
+        client.close()
+        local.close()
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def runs(tree, package, cluster, tmp_path_factory):
+    """The same batch locally and on the cluster: (local output, cluster output, cluster stderr)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("outputs")
+    model = ["--model", str(package.path), "--device", "cpu"]
+    assert main(["batch", str(tree), "-o", str(out / "local"), *model, "-q"]) == 1
+    err = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stderr(err):
+        status = main(["batch", str(tree), "-o", str(out / "cluster"), *model,
+                       "--cluster", cluster[0].scheduler_address])
+    print(f"cluster batch of 4 studies: {time.perf_counter() - t0:.1f} s")
+    assert status == 1, err.getvalue()  # the broken study failed, the batch went on
+    return out / "local", out / "cluster", err.getvalue()
+
+
+def _labels(path: Path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_cluster_labels_equal_the_local_batch_voxel_for_voxel(runs):
+    local, remote, _ = runs
+    results = sorted(p.relative_to(local) for p in local.rglob("segmentation.seg.nrrd"))
+    assert len(results) == 3  # the broken one has none
+    assert sorted(p.relative_to(remote) for p in remote.rglob("segmentation.seg.nrrd")) == results
+    for rel in results:
+        a, b = _labels(local / rel), _labels(remote / rel)
+        assert a.shape == b.shape and (a == b).all(), rel
+        assert (a > 0).sum() > 1000, rel  # real masks, not two empty images
+        assert (remote / rel.parent / "segmentation.seg.nrrd.done.json").is_file()
+
+
+def test_cluster_summary_rows_are_the_local_ones(runs, package):
+    local, remote, err = runs
+    same = ["study", "series", "modality", "status", "output", "message"] + \
+        [f"{name}_ml" for name in package.label_names]
+    local_rows, remote_rows = read_csv(local / "summary.csv"), read_csv(remote / "summary.csv")
+    assert [{k: r[k] for k in same} for r in remote_rows] == [{k: r[k] for k in same} for r in local_rows]
+    status = {r["study"]: r["status"] for r in remote_rows}
+    assert status == {"broken/scan.nrrd": "failed", "patient1/ct.nii.gz": "done",
+                      "patient2/dicom": "done", "patient3/ct.nrrd": "done"}
+    assert "Could not read" in next(r for r in remote_rows if r["status"] == "failed")["message"]
+    assert all(float(r["time_s"]) > 0 for r in remote_rows)
+    assert "error: Could not read" in (remote / "broken" / "scan" / "log.txt").read_text()
+    assert "cluster tcp://127.0.0.1:" in err and "2 worker(s)" in err
+    assert "[4/4]" in err and "ETA" in err and " on tcp://127.0.0.1:" in err
+
+
+def test_each_worker_loads_the_model_once_for_all_its_studies(runs, cluster):
+    from unetseg_engine.cluster import worker_state
+
+    _, remote, _ = runs
+    logs = [p.read_text() for p in remote.rglob("log.txt")]
+    assert len(logs) == 4
+    workers = [line.split("on Dask worker ")[1].split()[0] for log in logs for line in log.splitlines()
+               if "on Dask worker " in line]
+    loaded = [log for log in logs if "model loaded for this study" in log]
+    assert len(workers) == 4 and len(loaded) == len(set(workers))  # once per worker that ran any
+    assert len(logs) - len(loaded) >= 2  # 4 studies on 2 workers: at least 2 found the model warm
+    state = cluster[1].run(worker_state)  # what each worker process counted itself
+    used = {address: s for address, s in state.items() if address in workers}
+    assert used and all(list(s["model_loads"].values()) == [1] for s in used.values()), state
+
+
+def test_cluster_resume_skips_done_studies_before_submitting(runs, tree, package, cluster, capsys):
+    _, remote, _ = runs
+    markers = sorted(remote.rglob("*.done.json"))
+    before = {p: p.stat().st_mtime_ns for p in markers}
+    redo = next(p for p in markers if "patient3" in str(p))
+    redo.unlink()  # as if the run had stopped after the result, before the marker
+    status = main(["batch", str(tree), "-o", str(remote), "--model", str(package.path), "--device", "cpu",
+                   "--cluster", cluster[0].scheduler_address])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "patient1/ct: done before, skipped" in err and "patient2/dicom/" in err
+    assert err.count("done before, skipped") == 2
+    for marker, mtime in before.items():
+        if marker != redo:
+            assert marker.stat().st_mtime_ns == mtime, marker  # not redone
+    assert redo.is_file()  # redone on the cluster
+    rows = {r["study"]: r["status"] for r in read_csv(remote / "summary.csv")}
+    assert rows == {"broken/scan.nrrd": "failed", "patient1/ct.nii.gz": "done before",
+                    "patient2/dicom": "done before", "patient3/ct.nrrd": "done"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_scheduler_is_one_clear_line_within_seconds(tree, package, tmp_path, capsys):
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    t0 = time.perf_counter()
+    status = main(["batch", str(tree), "-o", str(tmp_path / "out"), "--model", str(package.path),
+                   "--cluster", address, "-q"])
+    took = time.perf_counter() - t0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith("unetseg: error: Cannot reach the Dask scheduler at") and address in err[0]
+    assert took < 15, took
+    assert not list((tmp_path / "out").rglob("segmentation*"))
+
+
+def test_a_worker_that_cannot_see_the_input_root_is_refused_before_any_study(tree, package, cluster,
+                                                                             tmp_path):
+    """The client's own check passes (the folder is here); the worker's path is one it lacks."""
+    from unetseg_engine.batch import find_scans
+    from unetseg_engine.cluster import check_cluster
+    from unetseg_engine.errors import UNetSegError
+
+    scans, _ = find_scans(tree)
+    job = {"output_root": str(tmp_path), "model_path": str(package.path)}
+    with pytest.raises(UNetSegError, match="cannot read the input root '/nonexistent/in'.*shared filesystem"):
+        check_cluster(cluster[1], "local", scans, job, Path("/nonexistent/in"))
+    assert check_cluster(cluster[1], "local", scans, job, tree) in cluster[1].scheduler_info()["workers"]

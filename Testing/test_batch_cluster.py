@@ -8,7 +8,10 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -54,9 +57,12 @@ def cluster(tmp_path_factory):
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "SlicerUNetSeg"),
                                                      os.environ.get("PYTHONPATH")) if p),
            "OMP_NUM_THREADS": "1", "UNETSEG_CACHE": str(tmp_path_factory.mktemp("worker-cache"))}
+    # allowed_failures=1: a study whose worker dies is given to another worker once (Dask's default
+    # is 3 times), so the test of a dying worker kills two, not four
     local = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                      dashboard_address=":0", memory_limit="4GiB", env=env,
-                                     silence_logs=logging.ERROR)
+                                     silence_logs=logging.ERROR,
+                                     scheduler_kwargs={"allowed_failures": 1})
     client = distributed.Client(local, set_as_default=False)
     try:
         client.wait_for_workers(2, timeout=120)
@@ -190,3 +196,99 @@ def test_a_worker_that_cannot_see_the_input_root_is_refused_before_any_study(tre
     with pytest.raises(UNetSegError, match="cannot read the input root '/nonexistent/in'.*shared filesystem"):
         check_cluster(cluster[1], "local", scans, job, Path("/nonexistent/in"))
     assert check_cluster(cluster[1], "local", scans, job, tree) in cluster[1].scheduler_info()["workers"]
+
+
+def _slow_studies(root: Path, count: int) -> list[str]:
+    """``count`` crops of a real CT that take seconds each with ``SLOW`` (many overlapping windows)."""
+    ct = sitk.ReadImage(str(openkbp("pt_201")[0]))[:, :, 40:64]
+    root.mkdir(parents=True)
+    for i in range(count):
+        sitk.WriteImage(ct, str(root / f"slow{i}.nrrd"))
+    return [f"slow{i}" for i in range(count)]
+
+
+SLOW = ["--overlap", "0.95"]
+
+
+def _pid_running(log: Path) -> int | None:
+    """The worker process of a study whose log says it is in the network's inference."""
+    try:
+        text = log.read_text()
+    except OSError:
+        return None
+    found = re.search(r"on Dask worker \S+ \(pid (\d+)\)", text)
+    return int(found[1]) if found and "inference" in text else None
+
+
+def test_ctrl_c_cancels_the_studies_not_started_and_leaves_no_half_written_file(package, cluster, tmp_path,
+                                                                               capsys):
+    """Ctrl-C (SIGINT to this process, as a terminal sends it) while the first 2 of 6 studies run:
+    ``batch`` stops at once (130); the 4 not started never start; the 2 running finish whole on their
+    workers (result and marker), or leave nothing."""
+    names = _slow_studies(tmp_path / "in", 6)
+    out, sent, returned = tmp_path / "out", [], threading.Event()
+
+    def interrupt_while_running():
+        deadline = time.monotonic() + 120
+        while not returned.is_set() and time.monotonic() < deadline:
+            if any(_pid_running(out / n / "log.txt") for n in names[:2]):
+                sent.append(time.monotonic())
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=interrupt_while_running, daemon=True).start()
+    try:
+        status = main(["batch", str(tmp_path / "in"), "-o", str(out), "--model", str(package.path),
+                       "--device", "cpu", *SLOW, "--cluster", cluster[0].scheduler_address, "-q"])
+    finally:
+        returned.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # main() leaves Ctrl-C ignored
+    err = capsys.readouterr().err
+    assert sent and status == 130, err
+    assert time.monotonic() - sent[0] < 15
+    assert "unetseg: interrupted; the studies finished so far are kept" in err
+    deadline = time.monotonic() + 60  # the running ones finish on their workers
+    logs = [out / n / "log.txt" for n in names]
+    while time.monotonic() < deadline and any(
+            log.exists() and " in " not in log.read_text().splitlines()[-1] for log in logs):
+        time.sleep(0.2)
+    time.sleep(1)  # nothing cancelled starts late
+    started = [n for n in names if (out / n / "log.txt").exists()]
+    assert 1 <= len(started) <= 2, started  # 2 workers of 1 thread: the rest were cancelled
+    for name in names:
+        files = sorted(p.name for p in (out / name).iterdir()) if (out / name).exists() else []
+        assert files in ([], ["log.txt", "segmentation.seg.nrrd", "segmentation.seg.nrrd.done.json"]), files
+
+
+# last in this module: its killed workers are still restarting when the cluster is closed
+def test_a_worker_dying_mid_study_is_retried_then_the_study_reported_failed(package, cluster, tmp_path,
+                                                                           capsys):
+    """Kill (SIGKILL) the worker running the study, then the one running its retry: the scheduler
+    retried it once on another worker (allowed_failures=1 here), then the batch reports it failed
+    and ends; no result and no marker under the study's name."""
+    _slow_studies(tmp_path / "in", 1)
+    log, killed = tmp_path / "out" / "slow0" / "log.txt", []
+
+    def kill_twice():
+        deadline = time.monotonic() + 120
+        while len(killed) < 2 and time.monotonic() < deadline:
+            pid = _pid_running(log)
+            if pid is not None and pid not in killed:
+                os.kill(pid, signal.SIGKILL)  # a worker process the cluster fixture started
+                killed.append(pid)
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_twice, daemon=True)
+    killer.start()
+    status = main(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(package.path),
+                   "--device", "cpu", *SLOW, "--cluster", cluster[0].scheduler_address])
+    killer.join(5)
+    err = capsys.readouterr().err
+    assert len(killed) == 2 and killed[0] != killed[1], (killed, err)  # the retry ran in another process
+    assert status == 1, err
+    [row] = read_csv(tmp_path / "out" / "summary.csv")
+    assert row["status"] == "failed" and "a worker died running it" in row["message"], row
+    assert "slow0: failed" in err
+    assert not (tmp_path / "out" / "slow0" / "segmentation.seg.nrrd").exists()
+    assert not (tmp_path / "out" / "slow0" / "segmentation.seg.nrrd.done.json").exists()

@@ -331,12 +331,16 @@ def batch_cli(args) -> int:
     # with a cluster the model is loaded on its workers, not here
     runner = BatchRunner(package, out, args.output_type, window=_window(args.window), quiet=args.quiet,
                          load=not cluster, **knobs)
-    if cluster:
-        from .cluster import run_on_cluster
+    try:
+        if cluster:
+            from .cluster import run_on_cluster
 
-        records = run_on_cluster(runner, scans, cluster, root, knobs)
-    else:
-        records = runner.run(scans)
+            records = run_on_cluster(runner, scans, cluster, root, knobs)
+        else:
+            records = runner.run(scans)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("the studies finished so far are kept, with their markers; run the "
+                                "same command again to go on.") from None
     failed = [r for r in records if r["status"] == "failed"]
     if not args.quiet:
         print(f"{len(records) - len(failed)} done, {len(failed)} failed; summary: {out / 'summary.csv'}",

@@ -501,9 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     except UNetSegError as error:
         print(f"unetseg: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # also when the interrupt did not come from us
-        print("unetseg: interrupted; no output was written.", file=sys.stderr)
+        # a command may say what it kept (batch: the studies finished so far)
+        print(f"unetseg: interrupted; {interrupt.args[0] if interrupt.args else 'no output was written.'}",
+              file=sys.stderr)
         return 130  # Ctrl-C stays ignored: the process is ending
     finally:
         if own_handler and signal.getsignal(signal.SIGINT) is _interrupt_once:

@@ -8,14 +8,16 @@ each other. The client does what the local batch does around it (``done_before``
 into the same ``summary.csv`` as its future completes, with the same progress line and an ETA.
 
 Each worker process loads the model once (``_warm_runner``: one predictor per model and settings,
-kept in this module while the process lives) and keeps it for every study it is given, in this
-batch and the next. The workers must see the client's paths (a shared filesystem): before
-submitting, one worker checks that it can read the input root, the model package and the first scan,
-and write the output root. A worker that dies mid-study: the scheduler gives the study to another
-worker (Dask's ``distributed.scheduler.allowed-failures`` times, 3 by default); a study that keeps
-killing workers is then reported failed ("a worker died running it"), never dropped. Ctrl-C cancels
-every study not started; those already running finish on their workers (results are renamed into
-place whole, so there is never a half-written one) and a later run skips them.
+kept in this module while the process lives, the last ``WARM_MODELS`` of them) and keeps it for
+every study it is given, in this batch and the next. The workers must see the client's paths (a
+shared filesystem): before submitting, one worker checks that it can read the input root, the model
+package and the first scan, and write the output root.
+
+A worker that dies mid-study: the scheduler gives the study to another worker, as often as its
+``distributed.scheduler.allowed-failures`` says (3 by default); a study that keeps killing workers
+is then reported failed ("a worker died running it"), never dropped. Ctrl-C cancels every study not
+started; those already running finish on their workers (results are renamed into place whole, so
+there is never a half-written one) and a later run skips them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .batch import BatchRunner, Scan
 from .errors import UNetSegError
 
 CONNECT_TIMEOUT_S = 5.0
+WARM_MODELS = 2  # predictors a worker keeps (model and settings); the oldest goes when another comes
 CHECK_TIMEOUT_S = 120.0  # a fresh worker imports the engine (PyTorch, MONAI) for the check
 
 # On a worker: the warm predictors of this process, and how often each was loaded (the tests read it)
@@ -55,6 +58,8 @@ def _warm_runner(job: dict) -> tuple[BatchRunner, threading.Lock, str]:
                 raise UNetSegError(f"The model package '{job['model_path']}' seen by this worker has "
                                    "other weights than the client's; the cluster must share the "
                                    "client's files.")
+            while len(_WARM) >= WARM_MODELS:  # a study still using it keeps its own reference
+                del _WARM[next(iter(_WARM))]
             _WARM[key] = (package, load_predictor(package, **job["knobs"]), threading.Lock(), time.time())
             MODEL_LOADS[job["weights"]] = MODEL_LOADS.get(job["weights"], 0) + 1
             how = "model loaded for this study"

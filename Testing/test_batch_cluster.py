@@ -84,7 +84,8 @@ def runs(tree, package, cluster, tmp_path_factory):
     import io
 
     out = tmp_path_factory.mktemp("outputs")
-    model = ["--model", str(package.path), "--device", "cpu"]
+    # one runtime: auto measures per machine and thread count, and might pick another on the workers
+    model = ["--model", str(package.path), "--device", "cpu", "--runtime", "torch"]
     assert main(["batch", str(tree), "-o", str(out / "local"), *model, "-q"]) == 1
     err = io.StringIO()
     t0 = time.perf_counter()
@@ -151,7 +152,7 @@ def test_cluster_resume_skips_done_studies_before_submitting(runs, tree, package
     redo = next(p for p in markers if "patient3" in str(p))
     redo.unlink()  # as if the run had stopped after the result, before the marker
     status = main(["batch", str(tree), "-o", str(remote), "--model", str(package.path), "--device", "cpu",
-                   "--cluster", cluster[0].scheduler_address])
+                   "--runtime", "torch", "--cluster", cluster[0].scheduler_address])
     err = capsys.readouterr().err
     assert status == 1
     assert "patient1/ct: done before, skipped" in err and "patient2/dicom/" in err
@@ -207,7 +208,7 @@ def _slow_studies(root: Path, count: int) -> list[str]:
     return [f"slow{i}" for i in range(count)]
 
 
-SLOW = ["--overlap", "0.95"]
+SLOW = ["--overlap", "0.95", "--runtime", "torch"]
 
 
 def _pid_running(log: Path) -> int | None:

@@ -327,7 +327,7 @@ def batch_cli(args) -> int:
         print(f"{len(scans)} scan(s) under {root}" + (f" (left out, not {modality}: {note} series)"
                                                       if note else ""), file=sys.stderr)
     knobs = {"device": args.device, "overlap": args.overlap, "sw_batch_size": args.sw_batch_size,
-             "tta": args.tta, "postprocess": not args.no_postprocess}
+             "tta": args.tta, "postprocess": not args.no_postprocess, "runtime": args.runtime}
     # with a cluster the model is loaded on its workers, not here
     runner = BatchRunner(package, out, args.output_type, window=_window(args.window), quiet=args.quiet,
                          load=not cluster, **knobs)

@@ -307,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", help="DICOM series to take (default: the model's modality; 'any')")
     p.add_argument("--output-type", dest="output_type", default="seg.nrrd",
                    choices=["seg.nrrd", "nii.gz", "dicom-seg"])
+    p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
+                   help="what runs the network on the CPU, as for segment (auto: the fastest, measured "
+                        "once per machine; give one, e.g. torch, for the same labels on every machine "
+                        "of a cluster)")
     p.add_argument("--cluster", metavar="tcp://HOST:PORT",
                    help="spread the studies over the workers of this Dask scheduler (they must see "
                         "the same paths: a shared filesystem; pip install \".[cluster]\")")

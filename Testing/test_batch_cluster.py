@@ -182,7 +182,19 @@ def test_an_unreachable_scheduler_is_one_clear_line_within_seconds(tree, package
     assert status == 2 and len(err) == 1, err
     assert err[0].startswith("unetseg: error: Cannot reach the Dask scheduler at") and address in err[0]
     assert took < 15, took
-    assert not list((tmp_path / "out").rglob("segmentation*"))
+    assert not (tmp_path / "out").exists()  # nothing made
+
+
+@pytest.mark.parametrize("address, words", [("ray://127.0.0.1:8786", "unknown scheme 'ray'"),
+                                            ("tcp://127.0.0.1", "missing port")])
+def test_a_malformed_address_is_refused_at_once(address, words, tree, package, tmp_path, capsys):
+    t0 = time.perf_counter()
+    status = main(["batch", str(tree), "-o", str(tmp_path / "out"), "--model", str(package.path),
+                   "--cluster", address, "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert f"'{address}' is not a Dask scheduler address" in err[0] and words in err[0], err[0]
+    assert time.perf_counter() - t0 < 5
 
 
 def test_a_worker_that_cannot_see_the_input_root_is_refused_before_any_study(tree, package, cluster,
@@ -289,7 +301,8 @@ def test_a_worker_dying_mid_study_is_retried_then_the_study_reported_failed(pack
     assert len(killed) == 2 and killed[0] != killed[1], (killed, err)  # the retry ran in another process
     assert status == 1, err
     [row] = read_csv(tmp_path / "out" / "summary.csv")
-    assert row["status"] == "failed" and "a worker died running it" in row["message"], row
+    assert row["status"] == "failed", row
+    assert "a worker died running it, on each of 2 tries" in row["message"], row
     assert "slow0: failed" in err
     assert not (tmp_path / "out" / "slow0" / "segmentation.seg.nrrd").exists()
     assert not (tmp_path / "out" / "slow0" / "segmentation.seg.nrrd.done.json").exists()

@@ -302,7 +302,6 @@ def _clock(seconds: float) -> str:
 
 def batch_cli(args) -> int:
     """``unetseg batch``: exit 0 when every scan is done, 1 when some failed, 2 on a usage error."""
-    from .cli import _window
     from .modelpkg import get_model
 
     root, out = Path(args.input_root), Path(args.output)
@@ -315,6 +314,21 @@ def batch_cli(args) -> int:
     if out.resolve() == root.resolve():
         raise UNetSegError("The output root must not be the input root; give another folder.")
     package = get_model(args.model)
+    client = None
+    if cluster:  # first: an unreachable scheduler fails in seconds, and nothing is made
+        from .cluster import connect
+
+        client = connect(cluster)
+    try:
+        return _run_batch(args, root, out, package, client)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _run_batch(args, root: Path, out: Path, package, client) -> int:
+    from .cli import _window
+
     modality = None if (args.modality or "").lower() == "any" else (args.modality or package.meta["modality"])
     out.mkdir(parents=True, exist_ok=True)
     scans, skipped = find_scans(root, modality, exclude=out.resolve())
@@ -330,12 +344,12 @@ def batch_cli(args) -> int:
              "tta": args.tta, "postprocess": not args.no_postprocess, "runtime": args.runtime}
     # with a cluster the model is loaded on its workers, not here
     runner = BatchRunner(package, out, args.output_type, window=_window(args.window), quiet=args.quiet,
-                         load=not cluster, **knobs)
+                         load=client is None, **knobs)
     try:
-        if cluster:
+        if client is not None:
             from .cluster import run_on_cluster
 
-            records = run_on_cluster(runner, scans, cluster, root, knobs)
+            records = run_on_cluster(runner, scans, client, args.cluster, root, knobs)
         else:
             records = runner.run(scans)
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ there is never a half-written one) and a later run skips them.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -108,6 +109,18 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT_S):
     except ImportError:
         raise UNetSegError("--cluster needs Dask distributed, which is not installed: "
                            "pip install \"slicerunetseg[cluster]\" (or \"dask[distributed]\").") from None
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:  # checked here: Client() refuses a bad address only after a 10 s wait in its clean-up
+        scheme, location = parse_address(address)
+        parse_host_port(location)
+        if scheme not in ("tcp", "tls"):
+            raise ValueError(f"unknown scheme '{scheme}'")
+    except ValueError as error:
+        raise UNetSegError(f"'{address}' is not a Dask scheduler address ({error}); give "
+                           "tcp://HOST:PORT, as 'dask scheduler' prints it.") from None
+    # our own lines say what went wrong (a lost scheduler fails each study left), not its tracebacks
+    logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
     try:
         return Client(address, timeout=timeout, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as error:
@@ -142,9 +155,10 @@ def check_cluster(client, address: str, scans: list[Scan], job: dict, input_root
     return worker
 
 
-def run_on_cluster(runner: BatchRunner, scans: list[Scan], address: str, input_root: Path,
+def run_on_cluster(runner: BatchRunner, scans: list[Scan], client, address: str, input_root: Path,
                    knobs: dict) -> list[dict]:
-    """``runner.run(scans)``, each study on a worker of the cluster at ``address``."""
+    """``runner.run(scans)``, each study on a worker of the cluster ``client`` is connected to (at
+    ``address``; the caller closes it)."""
     from distributed import as_completed
 
     done = runner.done_before(scans)  # skipped before anything is submitted
@@ -152,7 +166,6 @@ def run_on_cluster(runner: BatchRunner, scans: list[Scan], address: str, input_r
     job = {"model_path": str(runner.package.path.resolve()), "weights": runner.package.weights_key,
            "knobs": knobs, "output_root": str(runner.output_root.resolve()),
            "output_type": runner.output_type, "window": runner.window}
-    client = connect(address)
     futures: dict = {}
     try:
         if todo:
@@ -176,21 +189,25 @@ def run_on_cluster(runner: BatchRunner, scans: list[Scan], address: str, input_r
     except KeyboardInterrupt:
         client.cancel(list(futures))  # not started: dropped; running: finish whole on their worker
         raise
-    finally:
-        client.close()
     return [runner.records[s.key] for s in scans]
 
 
 def _outcome(future, scan: Scan, runner: BatchRunner) -> tuple[dict, str]:
     """The record a finished future holds, or a failed one saying why there is none."""
+    from concurrent.futures import CancelledError
+
     from distributed import KilledWorker
 
     try:
         record, info = future.result()
         return record, f" on {info['worker']}"
+    except CancelledError:  # what Dask says of every future when the scheduler is gone
+        message = "not finished: the connection to the Dask scheduler was lost; run the same " \
+                  "command again to go on"
     except KilledWorker as error:
-        message = f"a worker died running it, on every try ({error})"
-    except Exception as error:  # the task raised before the study (e.g. the worker's model would not load)
+        last, tries = getattr(error.last_worker, "address", error.last_worker), error.allowed_failures + 1
+        message = f"a worker died running it, on each of {tries} tries (the last: {last})"
+    except Exception as error:  # raised before the study (e.g. the worker's model would not load)
         message = f"{type(error).__name__}: {error}"
     record = {"study": scan.study, "series": scan.series_uid, "modality": scan.modality,
               "output": runner.output_name, "model": runner.package.id,

@@ -250,6 +250,7 @@ def test_ctrl_c_cancels_the_studies_not_started_and_leaves_no_half_written_file(
                 return
             time.sleep(0.02)
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever ran before
     threading.Thread(target=interrupt_while_running, daemon=True).start()
     try:
         status = main(["batch", str(tmp_path / "in"), "-o", str(out), "--model", str(package.path),

@@ -13,4 +13,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
 # "fast": OpenVINO and ONNX Runtime, the faster CPU runtimes (``unetseg segment --runtime``)
-.venv/bin/python -m pip install -q -e ".[test,fast,int8,server]"
+# "cluster": Dask distributed, for ``unetseg batch --cluster``
+.venv/bin/python -m pip install -q -e ".[test,fast,int8,server,cluster]"

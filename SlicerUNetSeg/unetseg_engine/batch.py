@@ -143,7 +143,10 @@ class BatchRunner:
     """Segments scans one after another with one loaded model; built complete, reusable."""
 
     def __init__(self, package, output_root: str | os.PathLike, output_type: str = "seg.nrrd", *,
-                 window=None, quiet: bool = False, stream=None, **knobs) -> None:
+                 window=None, quiet: bool = False, stream=None, predictor=None, load: bool = True,
+                 **knobs) -> None:
+        """``predictor``: one already loaded with these ``knobs`` (a cluster worker keeps one warm);
+        ``load=False``: none at all (the cluster's client, which only skips, reports and summarises)."""
         if output_type not in OUTPUT_TYPES or output_type in ("nrrd", "mha"):
             raise UNetSegError(f"Unknown batch output type '{output_type}': use seg.nrrd, nii.gz or "
                                "dicom-seg.")
@@ -154,8 +157,9 @@ class BatchRunner:
         self.output_type, self.window, self.quiet = output_type, window, quiet
         self.kind = output_kind("segmentation" + OUTPUT_TYPES[output_type], output_type)
         self.stream = stream or sys.stderr
-        self.predictor = load_predictor(package, **knobs)
+        self.predictor = predictor if predictor is not None or not load else load_predictor(package, **knobs)
         self.records: dict[str, dict] = {}
+        self._order: dict[str, int] = {}  # the summary lists studies in the order they were found
 
     @property
     def output_name(self) -> str:
@@ -174,8 +178,13 @@ class BatchRunner:
             self.output_name and (folder / self.output_name).is_file()
         return record if same else None
 
-    def run_scan(self, scan: Scan) -> dict:
-        """Segment one scan into its folder; never raises for a failing scan (KeyboardInterrupt aside)."""
+    def done_before(self, scans: list[Scan]) -> dict[str, dict]:
+        """The scans a completed marker says were done with this model, by key."""
+        return {s.key: r for s in scans if (r := self._done_before(self.output_root / s.key))}
+
+    def run_scan(self, scan: Scan, note: str | None = None) -> dict:
+        """Segment one scan into its folder; never raises for a failing scan (KeyboardInterrupt aside).
+        ``note`` is logged after the first line (a cluster worker says which it is)."""
         from .dicomseg import read_source_headers
 
         folder = self.output_root / scan.key
@@ -186,6 +195,8 @@ class BatchRunner:
         log = _Log(folder / "log.txt")
         log.write(f"{scan.path} with '{self.package.id}' v{self.package.meta['version']} -> "
                   f"{folder / self.output_name}")
+        if note:
+            log.write(note)
         t0 = time.perf_counter()
         try:
             dicom = None
@@ -221,39 +232,67 @@ class BatchRunner:
 
     def run(self, scans: list[Scan]) -> list[dict]:
         """Every scan (skipping those done before), with progress and an ETA; returns the records."""
-        ran_time, ran, n = 0.0, 0, len(scans)
-        done = {s.key: r for s in scans if (r := self._done_before(self.output_root / s.key))}
-        for index, scan in enumerate(scans, start=1):
-            record = done.get(scan.key)
-            if record is not None:
-                record = {**record, "status": "done before"}
+        done = self.done_before(scans)
+        progress = self.start(scans, done)
+        for scan in scans:
+            if scan.key in done:
+                self.finish(scan, {**done[scan.key], "status": "done before"}, progress)
             else:
-                record = self.run_scan(scan)
-                ran_time, ran = ran_time + record["time_s"], ran + 1
-            self.records[scan.key] = record
-            self.write_summary()
-            if not self.quiet:
-                left = sum(1 for s in scans[index:] if s.key not in done)
-                eta = f", ETA {_clock(ran_time / ran * left)}" if ran and left else ""
-                what = f"{record['status']} in {record['time_s']:.1f} s" if record["status"] != \
-                    "done before" else "done before, skipped"
-                print(f"[{index}/{n}] {scan.key}: {what}{eta}", file=self.stream, flush=True)
-                if record["status"] == "failed":
-                    print(f"    {record['message']}", file=self.stream, flush=True)
+                self.finish(scan, self.run_scan(scan), progress)
         return [self.records[s.key] for s in scans]
+
+    def start(self, scans: list[Scan], done: dict[str, dict], parallel: bool = False) -> _Progress:
+        """Begin a run over ``scans``, of which ``done`` were done before: the progress display."""
+        for scan in scans:
+            self._order.setdefault(scan.key, len(self._order))
+        return _Progress(len(scans), sum(1 for s in scans if s.key not in done), parallel)
+
+    def finish(self, scan: Scan, record: dict, progress: _Progress, where: str = "") -> None:
+        """One scan's record: into the summary (rewritten), and a progress line with the ETA."""
+        self.records[scan.key] = record
+        self.write_summary()
+        eta = progress.step(record)
+        if not self.quiet:
+            what = f"{record['status']} in {record['time_s']:.1f} s{where}" if record["status"] != \
+                "done before" else "done before, skipped"
+            print(f"[{progress.index}/{progress.n}] {scan.key}: {what}{eta}", file=self.stream, flush=True)
+            if record["status"] == "failed":
+                print(f"    {record['message']}", file=self.stream, flush=True)
 
     def write_summary(self) -> Path:
         names = self.package.label_names
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, CSV_FIELDS + [f"{name}_ml" for name in names])
         writer.writeheader()
-        for record in self.records.values():
+        for key in sorted(self.records, key=lambda k: self._order.get(k, len(self._order))):
+            record = self.records[key]
             row = {k: record.get(k, "") for k in CSV_FIELDS}
             row.update({f"{name}_ml": record.get("volumes_ml", {}).get(name, "") for name in names})
             writer.writerow(row)
         path = self.output_root / "summary.csv"
         atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
         return path
+
+
+class _Progress:
+    """Studies reported so far and the ETA of the rest. One machine: the mean time of the studies
+    run times those left. A cluster (``parallel``): the wall time per study finished so far, which
+    counts every worker, times those left."""
+
+    def __init__(self, n: int, to_run: int, parallel: bool = False) -> None:
+        self.n, self.to_run, self.parallel = n, to_run, parallel
+        self.index, self.ran, self.ran_time, self.t0 = 0, 0, 0.0, time.perf_counter()
+
+    def step(self, record: dict) -> str:
+        """Count one study reported; the ETA text to show after it ("" when none)."""
+        self.index += 1
+        if record["status"] != "done before":
+            self.ran, self.ran_time = self.ran + 1, self.ran_time + record["time_s"]
+        left = self.to_run - self.ran
+        if not self.ran or not left:
+            return ""
+        per_study = (time.perf_counter() - self.t0 if self.parallel else self.ran_time) / self.ran
+        return f", ETA {_clock(per_study * left)}"
 
 
 def _clock(seconds: float) -> str:
@@ -263,16 +302,33 @@ def _clock(seconds: float) -> str:
 
 def batch_cli(args) -> int:
     """``unetseg batch``: exit 0 when every scan is done, 1 when some failed, 2 on a usage error."""
-    from .cli import _window
     from .modelpkg import get_model
 
     root, out = Path(args.input_root), Path(args.output)
+    cluster = getattr(args, "cluster", None)
+    if cluster:  # the workers are given absolute paths, which they must see too
+        root, out = root.resolve(), out.resolve()
     if not root.is_dir():
         raise UNetSegError(f"The input root '{root}' is not a folder. Give the folder that holds the "
                            "scans (files or DICOM series, in any subfolders).")
     if out.resolve() == root.resolve():
         raise UNetSegError("The output root must not be the input root; give another folder.")
     package = get_model(args.model)
+    client = None
+    if cluster:  # first: an unreachable scheduler fails in seconds, and nothing is made
+        from .cluster import connect
+
+        client = connect(cluster)
+    try:
+        return _run_batch(args, root, out, package, client)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _run_batch(args, root: Path, out: Path, package, client) -> int:
+    from .cli import _window
+
     modality = None if (args.modality or "").lower() == "any" else (args.modality or package.meta["modality"])
     out.mkdir(parents=True, exist_ok=True)
     scans, skipped = find_scans(root, modality, exclude=out.resolve())
@@ -284,10 +340,21 @@ def batch_cli(args) -> int:
     if not args.quiet:
         print(f"{len(scans)} scan(s) under {root}" + (f" (left out, not {modality}: {note} series)"
                                                       if note else ""), file=sys.stderr)
+    knobs = {"device": args.device, "overlap": args.overlap, "sw_batch_size": args.sw_batch_size,
+             "tta": args.tta, "postprocess": not args.no_postprocess, "runtime": args.runtime}
+    # with a cluster the model is loaded on its workers, not here
     runner = BatchRunner(package, out, args.output_type, window=_window(args.window), quiet=args.quiet,
-                         device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                         tta=args.tta, postprocess=not args.no_postprocess)
-    records = runner.run(scans)
+                         load=client is None, **knobs)
+    try:
+        if client is not None:
+            from .cluster import run_on_cluster
+
+            records = run_on_cluster(runner, scans, client, args.cluster, root, knobs)
+        else:
+            records = runner.run(scans)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("the studies finished so far are kept, with their markers; run the "
+                                "same command again to go on.") from None
     failed = [r for r in records if r["status"] == "failed"]
     if not args.quiet:
         print(f"{len(records) - len(failed)} done, {len(failed)} failed; summary: {out / 'summary.csv'}",

@@ -307,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", help="DICOM series to take (default: the model's modality; 'any')")
     p.add_argument("--output-type", dest="output_type", default="seg.nrrd",
                    choices=["seg.nrrd", "nii.gz", "dicom-seg"])
+    p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
+                   help="what runs the network on the CPU, as for segment (auto: the fastest, measured "
+                        "once per machine; give one, e.g. torch, for the same labels on every machine "
+                        "of a cluster)")
+    p.add_argument("--cluster", metavar="tcp://HOST:PORT",
+                   help="spread the studies over the workers of this Dask scheduler (they must see "
+                        "the same paths: a shared filesystem; pip install \".[cluster]\")")
     add_run_options(p)
     p.set_defaults(func=cmd_batch)
 
@@ -498,9 +505,11 @@ def main(argv: list[str] | None = None) -> int:
     except UNetSegError as error:
         print(f"unetseg: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # also when the interrupt did not come from us
-        print("unetseg: interrupted; no output was written.", file=sys.stderr)
+        # a command may say what it kept (batch: the studies finished so far)
+        print(f"unetseg: interrupted; {interrupt.args[0] if interrupt.args else 'no output was written.'}",
+              file=sys.stderr)
         return 130  # Ctrl-C stays ignored: the process is ending
     finally:
         if own_handler and signal.getsignal(signal.SIGINT) is _interrupt_once:

@@ -57,12 +57,12 @@ def test_import_makes_a_package_listed_like_any_other(tmp_path, monkeypatch):
     plans = json.loads((TRAINED / "plans.json").read_text())
     section = meta["nnunet"]
     assert section["spacing"] == plans["configurations"]["3d_fullres"]["spacing"]
-    assert section["patch_size"] == [64, 64, 64]
+    assert section["patch_size"] == [48, 32, 48]
     assert section["transpose_forward"] == plans["transpose_forward"]
     props = plans["foreground_intensity_properties_per_channel"]["0"]
     assert section["intensity_properties"][0]["percentile_99_5"] == props["percentile_99_5"]
     assert section["normalization_schemes"] == ["CTNormalization"]
-    assert section["mirror_axes"] == [0, 1, 2]
+    assert section["mirror_axes"] == []  # trained without mirroring (nnUNetTrainerNoDA)
     # terminology from the table; the SHA-256 of the weights and of the source checkpoint recorded
     by_name = {label["name"]: label for label in package.labels}
     assert by_name["Brainstem"]["terminology"]["type"]["code"] == "15926001"
@@ -245,10 +245,9 @@ def _dice_per_label(theirs, ours, n_labels=7):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("weights,case,mirror", [("random", "pt_201", True),
-                                                 ("random", "pt_222", False),
-                                                 ("trained", "pt_225", False)])
+                                                 ("random", "pt_222", False)])
 def test_same_labels_as_nnunet_predictor(weights, case, mirror, tmp_path, random_folder):
-    folder = random_folder if weights == "random" else TRAINED
+    folder = random_folder
     package = _import(folder, f"agree-{weights}", tmp_path)
     path = _crop(case, tmp_path)
     theirs = _nnunet_labels(folder, path, mirror)
@@ -256,11 +255,119 @@ def test_same_labels_as_nnunet_predictor(weights, case, mirror, tmp_path, random
     assert theirs.shape == ours.shape
     scores = _dice_per_label(theirs, ours)
     print(f"{weights} {case} mirror={mirror}: labels {sorted(scores)}, worst Dice "
-          f"{min(scores.values(), default=1.0):.4f}, voxels differing {(theirs != ours).sum()}")
-    if weights == "random":  # the harsh case: most classes present, boundaries everywhere
-        assert len(scores) >= 3, scores
-    assert all(s >= 0.99 for s in scores.values()), scores
+          f"{min(scores.values(), default=1.0):.4f}, voxels differing {(theirs != ours).sum()}, "
+          f"sizes {np.bincount(theirs.ravel())}, Dice {scores}")
+    assert len(scores) >= 3, scores  # the harsh case: most classes present, boundaries everywhere
+    # Dice >= 0.99 per label of at least 100 voxels; on smaller ones (random weights leave some of
+    # 31 voxels, where one voxel is Dice 0.984) at most 2 voxels may differ
+    for value, score in scores.items():
+        a, b = theirs == value, ours == value
+        if a.sum() >= 100:
+            assert score >= 0.99, scores
+        else:
+            assert (a != b).sum() <= 2, (value, int(a.sum()), int((a != b).sum()))
     assert (theirs != ours).mean() < 0.005
+
+
+# ---- the trained fixture on whole real scans: it segments organs, as nnUNetPredictor does ----------
+# Dice floors against the clinical contours on validation cases the fixture never saw (measured
+# values in fixtures/nnunet/README.md, floors a little below them)
+_FLOORS = {"Brainstem": 0.75, "RightParotid": 0.65, "LeftParotid": 0.65, "Mandible": 0.55}
+TRAINED_FLOORS = {"pt_201": _FLOORS, "pt_236": _FLOORS}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The trained fixture imported once, and nnUNetPredictor's and our (PyTorch) labels on whole
+    validation scans; nnU-Net does not mirror this model (its trainer had no mirroring)."""
+    tmp = tmp_path_factory.mktemp("nnunet-trained")
+    package = _import(TRAINED, "openkbp-nnunet-tiny", tmp)
+    assert package.meta["nnunet"]["mirror_axes"] == []
+    runs = {}
+    for case in TRAINED_FLOORS:
+        image_path, label_path = openkbp(case)
+        runs[case] = {"theirs": _nnunet_labels(TRAINED, image_path),
+                      "ours": _our_labels(package, image_path),
+                      "truth": sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))}
+    return package, runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(TRAINED_FLOORS))
+def test_trained_fixture_segments_organs_with_nnunet_predictors_labels(case, trained):
+    from unetseg_engine.metrics import dice
+
+    package, runs = trained
+    theirs, ours, truth = runs[case]["theirs"], runs[case]["ours"], runs[case]["truth"]
+    against_truth = {label["name"]: round(dice(theirs == label["value"], truth == label["value"]), 3)
+                     for label in package.labels}
+    print(f"{case}: nnUNetPredictor's Dice against the clinical contours {against_truth}")
+    for name, floor in TRAINED_FLOORS[case].items():
+        assert against_truth[name] > floor, against_truth
+    scores = _dice_per_label(theirs, ours)
+    print(f"{case}: ours vs nnUNetPredictor, worst Dice {min(scores.values()):.4f} "
+          f"({len(scores)} labels), voxels differing {(theirs != ours).sum()}")
+    assert len(scores) >= 4, scores  # real organs, not background only
+    assert all(s >= 0.99 for s in scores.values()), scores
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_imported_model_gives_pytorchs_labels_on_compiled_runtimes(runtime, trained, tmp_path,
+                                                                   monkeypatch):
+    """The nnU-Net network exported to ONNX from the checked weights (cached like our own models'),
+    run by OpenVINO / ONNX Runtime: the same labels as on PyTorch, hence as nnUNetPredictor's."""
+    import importlib.util
+
+    from unetseg_engine.inference import Predictor
+
+    if importlib.util.find_spec(runtime) is None:
+        pytest.skip(f"{runtime} is not installed (pip install -e '.[fast]')")
+    monkeypatch.setenv("UNETSEG_CACHE", str(tmp_path / "cache"))
+    package, runs = trained
+    case = next(iter(TRAINED_FLOORS))
+    predictor = Predictor(device="cpu", runtime=runtime)
+    predictor.load(package)
+    result = predictor.predict([sitk.ReadImage(str(openkbp(case)[0]))])
+    assert result.runtime == runtime and not result.messages, result.messages
+    assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))
+    labels = sitk.GetArrayFromImage(result.label_map)
+    scores = _dice_per_label(runs[case]["ours"], labels)
+    print(f"{case}: {runtime} vs PyTorch, worst Dice {min(scores.values()):.4f}, voxels differing "
+          f"{(labels != runs[case]['ours']).sum()}")
+    assert len(scores) >= 4 and all(s >= 0.99 for s in scores.values()), scores
+    assert _dice_per_label(runs[case]["theirs"], labels).keys() == scores.keys()
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_residual_encoder_unet_exports_to_the_compiled_runtimes(runtime, tmp_path, monkeypatch):
+    """nnU-Net's other network class (ResidualEncoderUNet, built without deep supervision: one
+    output) through the engine's ONNX export: the runtime's logits equal PyTorch's."""
+    import importlib.util
+
+    import torch
+
+    from unetseg_engine.runtimes import RUNNERS, onnx_graph
+
+    if importlib.util.find_spec(runtime) is None:
+        pytest.skip(f"{runtime} is not installed (pip install -e '.[fast]')")
+    monkeypatch.setenv("UNETSEG_CACHE", str(tmp_path / "cache"))
+    params = {"n_stages": 3, "features_per_stage": [8, 16, 32], "conv_op": "Conv3d",
+              "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+              "n_blocks_per_stage": [1, 2, 2], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+              "norm_op": "InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+              "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "LeakyReLU",
+              "nonlin_kwargs": {"inplace": True}}
+    torch.manual_seed(0)
+    network = nnunet.build_network({"architecture": "ResidualEncoderUNet", "spatial_dims": 3,
+                                    "params": params}, 1, 4).eval()
+    x = torch.randn(2, 1, 32, 16, 32)
+    with torch.no_grad():
+        expected = network(x)
+    graph = onnx_graph(lambda: network, "0" * 64, (32, 16, 32), 1)
+    out = RUNNERS[runtime](graph, 1)(x)
+    assert tuple(out.shape) == (2, 4, 32, 16, 32)
+    assert float((out - expected).abs().max()) < 1e-4
 
 
 # ---- several models, one segmentation ---------------------------------------------------------------

@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-reference", action="store_true", help="only time our engine")
     p.add_argument("--runtimes", default="installed",
                    help="our engine on these runtimes, comma-separated (torch, openvino, onnxruntime, "
-                        "openvino-int8; "
+                        "openvino-int8 (not with --against nnunet); "
                         "default: every installed one)")
     p.add_argument("--json", dest="json_path", help="write the results as JSON here")
     p.add_argument("--threads", type=int, help="CPU threads for both pipelines (default: PyTorch's)")

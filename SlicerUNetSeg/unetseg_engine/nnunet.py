@@ -408,7 +408,9 @@ def _nnunet_section(d: dict[str, Any]) -> dict[str, Any]:
         "resampling_data": {k: data_kw.get(k) for k in ("order", "order_z", "force_separate_z")},
         "resampling_probabilities": {k: prob_kw.get(k) for k in ("order", "order_z",
                                                                  "force_separate_z")},
-        "mirror_axes": list(range(dims)) if mirror is None else mirror,
+        # None (nnU-Net's trainers without mirroring, e.g. nnUNetTrainerNoMirroring): nnUNetPredictor
+        # does not mirror at all, so neither do we
+        "mirror_axes": [] if mirror is None else mirror,
         "step_size": 0.5,
     }
 

@@ -4,8 +4,12 @@ The parent imports the nnU-Net folder once as our package, writes the inputs (th
 is, and resampled to the clinical 512 x 512 x 300 grid, as ``benchmark.py`` does), and runs each
 predictor in its own child process (``python -m unetseg_engine.nnunetbench --child nnunet|ours``) so
 each peak resident memory (``ru_maxrss``) is its own. ``total_s``: reading the file to the label map on
-the input grid, model already loaded. Both mirror over the checkpoint's axes (nnU-Net's default)
-unless ``--no-mirror``. Agreement: per-label Dice between the two label maps.
+the input grid, model already loaded. Ours runs once per runtime asked for (``--runtimes``: torch,
+openvino, onnxruntime; default every installed one); for the compiled runtimes the ONNX graph is
+exported into the cache by a first child that only loads the model (as a user's first run does), so
+the measured child's peak memory is that of a prediction. Both mirror over the checkpoint's axes
+(nnU-Net's default) unless ``--no-mirror``. Agreement: per-label Dice between the two label maps;
+each figure carries the load average when it was taken (the machine may be shared).
 
 Without ``--nnunet-folder`` the benchmark builds a folder of nnU-Net's default 3d_fullres plan for
 OpenKBP (``Testing/fixtures/nnunet/nnUNetPlans.json``: 6 stages, 32-320 features, 128^3 patch) with
@@ -48,6 +52,8 @@ def _child(argv=None) -> int:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--runtime", default="torch")
     parser.add_argument("--no-mirror", action="store_true")
+    parser.add_argument("--load-only", action="store_true",
+                        help="load the model (exporting its graph into the cache) and stop")
     args = parser.parse_args(argv)
     import torch
 
@@ -79,6 +85,9 @@ def _child(argv=None) -> int:
         predictor = Predictor(device="cpu", runtime=args.runtime, mirror=not args.no_mirror)
         predictor.load(load_package(args.folder))
         result["load_model_s"] = time.perf_counter() - t
+        if args.load_only:
+            Path(args.result).write_text(json.dumps(result))
+            return 0
         t = time.perf_counter()
         res = predictor.predict([sitk.ReadImage(args.input)])
         result["total_s"] = time.perf_counter() - t
@@ -91,13 +100,16 @@ def _child(argv=None) -> int:
     return 0
 
 
-def _run_child(kind, input_path: Path, folder: Path, work: Path, threads, mirror, runtime):
+def _run_child(kind, input_path: Path, folder: Path, work: Path, threads, mirror, runtime,
+               load_only=False):
+    work.mkdir(parents=True, exist_ok=True)
     pred, result = work / f"{input_path.stem}_{kind}.nrrd", work / f"{input_path.stem}_{kind}.json"
     command = [sys.executable, "-m", "unetseg_engine.nnunetbench", "--child", kind, "--input",
                str(input_path), "--folder", str(folder), "--pred", str(pred), "--result", str(result),
                "--runtime", runtime]
     command += ["--threads", str(threads)] if threads else []
     command += [] if mirror else ["--no-mirror"]
+    command += ["--load-only"] if load_only else []
     env = dict(os.environ, PYTHONWARNINGS="ignore", UNETSEG_CACHE=str(work / "cache"))
     process = subprocess.run(command, env=env, capture_output=True, text=True)
     if not result.is_file():
@@ -117,11 +129,29 @@ def default_folder(work: Path) -> Path:
                                "dataset.json", work / "nnunet-default")
 
 
-def run(folder: Path | None, case: str, sizes, threads=None, mirror=True, runtime="torch",
+def _agreement(a: Path, b: Path, labels) -> dict[str, Any]:
+    x, y = sitk.GetArrayFromImage(sitk.ReadImage(str(a))), sitk.GetArrayFromImage(sitk.ReadImage(str(b)))
+    dice = {}
+    for label in labels:
+        p, q = x == label["value"], y == label["value"]
+        if p.sum() + q.sum():
+            dice[label["name"]] = round(2 * float((p & q).sum()) / float(p.sum() + q.sum()), 4)
+    return {"agreement_dice": dice, "voxels_differing": int((x != y).sum())}
+
+
+def run(folder: Path | None, case: str, sizes, threads=None, mirror=True, runtimes=("torch",),
         log=print) -> dict[str, Any]:
+    """nnU-Net's predictor once per size, ours once per size and runtime (``runtimes``: torch,
+    openvino, onnxruntime); each case entry holds ``nnunet`` and ``ours`` (runtime -> figures, with
+    the time and memory ratios and the agreement of that runtime's labels with nnU-Net's)."""
     from .benchmark import machine_info, make_inputs
     from .nnunet import import_nnunet
+    from .runtimes import RUNTIMES
 
+    for runtime in runtimes:
+        if runtime not in RUNTIMES:
+            raise UNetSegError(f"Unknown runtime '{runtime}' for --against nnunet: use "
+                               f"{', '.join(RUNTIMES)}.")
     report: dict[str, Any] = {"machine": machine_info(), "mirror": mirror, "cases": []}
     with tempfile.TemporaryDirectory(prefix="unetseg-nnbench-") as tmp:
         work = Path(tmp)
@@ -132,25 +162,25 @@ def run(folder: Path | None, case: str, sizes, threads=None, mirror=True, runtim
         for size in sizes:
             path, _, _ = make_inputs(case, size, work)
             entry: dict[str, Any] = {"case": case, "size": size,
-                                     "input_size": list(sitk.ReadImage(str(path)).GetSize())}
-            for kind in ("nnunet", "ours"):
-                log(f"{case} {size}: {kind} ...")
-                entry[kind], entry[f"_{kind}_pred"] = _run_child(
-                    kind, path, folder if kind == "nnunet" else package.path, work, threads, mirror,
-                    runtime)
-            a, b = entry.pop("_nnunet_pred"), entry.pop("_ours_pred")
-            if a and b:
-                x, y = sitk.GetArrayFromImage(sitk.ReadImage(str(a))), \
-                    sitk.GetArrayFromImage(sitk.ReadImage(str(b)))
-                dice = {}
-                for label in package.labels:
-                    p, q = x == label["value"], y == label["value"]
-                    if p.sum() + q.sum():
-                        dice[label["name"]] = round(2 * float((p & q).sum()) / float(p.sum() + q.sum()), 4)
-                entry["agreement_dice"] = dice
-                entry["voxels_differing"] = int((x != y).sum())
-                entry["time_ratio"] = entry["ours"]["total_s"] / entry["nnunet"]["total_s"]
-                entry["memory_ratio"] = entry["ours"]["peak_rss_mb"] / entry["nnunet"]["peak_rss_mb"]
+                                     "input_size": list(sitk.ReadImage(str(path)).GetSize()),
+                                     "ours": {}}
+            log(f"{case} {size}: nnunet ...")
+            entry["nnunet"], theirs = _run_child("nnunet", path, folder, work, threads, mirror, "torch")
+            entry["nnunet"]["load_average"] = [round(v, 2) for v in os.getloadavg()]
+            for runtime in runtimes:
+                log(f"{case} {size}: ours ({runtime}) ...")
+                if runtime != "torch":  # export the graph first, as an earlier run would have:
+                    # the export runs the network once in PyTorch, which is no part of a prediction
+                    _run_child("ours", path, package.path, work / runtime, threads, mirror, runtime,
+                               load_only=True)
+                ours, pred = _run_child("ours", path, package.path, work / runtime, threads, mirror,
+                                        runtime)
+                ours["load_average"] = [round(v, 2) for v in os.getloadavg()]
+                if theirs and pred:
+                    ours.update(_agreement(theirs, pred, package.labels))
+                    ours["time_ratio"] = ours["total_s"] / entry["nnunet"]["total_s"]
+                    ours["memory_ratio"] = ours["peak_rss_mb"] / entry["nnunet"]["peak_rss_mb"]
+                entry["ours"][runtime] = ours
             report["cases"].append(entry)
     return report
 
@@ -158,29 +188,38 @@ def run(folder: Path | None, case: str, sizes, threads=None, mirror=True, runtim
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"nnU-Net folder {report['folder']} (features {report['network']}), mirroring "
              f"{'on' if report['mirror'] else 'off'}",
-             "| case | input | nnU-Net s | ours s | time ratio | nnU-Net MB | ours MB | memory ratio "
-             "| worst label Dice |", "|---|---|---|---|---|---|---|---|---|"]
+             "| case | input | ours on | nnU-Net s | ours s | time ratio | nnU-Net MB | ours MB "
+             "| memory ratio | worst label Dice | load (1 min) |", "|---" * 11 + "|"]
     for c in report["cases"]:
-        n, o = c.get("nnunet", {}), c.get("ours", {})
-        if "error" in n or "error" in o:
-            lines.append(f"| {c['case']} | {c['size']} | {n.get('error', '')} | {o.get('error', '')} |")
-            continue
-        worst = min(c["agreement_dice"].values(), default=1.0)
-        lines.append(f"| {c['case']} | {'x'.join(map(str, c['input_size']))} | {n['total_s']:.1f} | "
-                     f"{o['total_s']:.1f} | {c['time_ratio']:.2f} | {n['peak_rss_mb']:.0f} | "
-                     f"{o['peak_rss_mb']:.0f} | {c['memory_ratio']:.2f} | {worst:.4f} |")
+        n = c.get("nnunet", {})
+        for runtime, o in c["ours"].items():
+            if "error" in n or "error" in o:
+                lines.append(f"| {c['case']} | {c['size']} | {runtime} | {n.get('error', '')} | "
+                             f"{o.get('error', '')} |")
+                continue
+            worst = min(o["agreement_dice"].values(), default=1.0)
+            lines.append(f"| {c['case']} | {'x'.join(map(str, c['input_size']))} | {o['runtime']} | "
+                         f"{n['total_s']:.1f} | {o['total_s']:.1f} | {o['time_ratio']:.2f} | "
+                         f"{n['peak_rss_mb']:.0f} | {o['peak_rss_mb']:.0f} | {o['memory_ratio']:.2f} | "
+                         f"{worst:.4f} | {n['load_average'][0]:.1f} / {o['load_average'][0]:.1f} |")
     return "\n".join(lines)
 
 
 def benchmark_cli(args) -> int:
+    from .runtimes import installed_runtimes
+
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    wanted = getattr(args, "runtimes", "installed")
+    runtimes = installed_runtimes() if wanted in (None, "installed") else \
+        [r.strip() for r in wanted.split(",") if r.strip()]
     report = run(args.nnunet_folder, args.case, sizes, threads=args.threads,
-                 mirror=not args.no_mirror, runtime=getattr(args, "nnunet_runtime", "torch"),
+                 mirror=not args.no_mirror, runtimes=runtimes,
                  log=lambda text: print(text, file=sys.stderr, flush=True))
     print(format_table(report))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
-    return 1 if any("error" in c.get(k, {}) for c in report["cases"] for k in ("nnunet", "ours")) else 0
+    return 1 if any("error" in part for c in report["cases"]
+                    for part in [c.get("nnunet", {}), *c["ours"].values()]) else 0
 
 
 if __name__ == "__main__":

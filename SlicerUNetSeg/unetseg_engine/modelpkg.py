@@ -394,6 +394,15 @@ def import_model(source: str | os.PathLike, destination: Path | None = None,
     return load_package(target)
 
 
+def publish_staged(staging: Path, folder: Path, meta: dict[str, Any]) -> None:
+    """Validate ``meta``, write it into the staged package folder and move that folder to ``folder``
+    (which must not exist) in one rename; the caller removes ``staging`` if this raises."""
+    validate_metadata(meta, f"metadata for {folder}")
+    staging.chmod(0o755)  # mkdtemp makes it private
+    (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    os.replace(staging, folder)
+
+
 def replace_with_staged(staging: Path, target: Path) -> None:
     """Put a completely written staging folder in place of ``target`` (an installed package, if any):
     a link is replaced, never the folder it points to."""
@@ -471,10 +480,7 @@ def write_ensemble(folder: str | os.PathLike, members: list[ModelPackage], model
                         .contiguous() for k, v in state.items()}, path)
             files.append({"file": path.name, "sha256": sha256_of(path)})
         meta["weights"] = files
-        validate_metadata(meta, f"metadata for {folder}")
-        staging.chmod(0o755)  # mkdtemp makes it private
-        (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        os.replace(staging, folder)
+        publish_staged(staging, folder, meta)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -856,7 +856,7 @@ def write_merged(folder: str | os.PathLike, members: list, model_id: str, title:
     network, preprocessing and labels are kept in ``merge``. The folder must not exist; it is written
     under a temporary name and renamed when complete.
     """
-    from .modelpkg import METADATA_FILE, is_nnunet, load_package, validate_metadata
+    from .modelpkg import is_nnunet, load_package, publish_staged
 
     folder = Path(folder)
     if len(members) < 2:
@@ -895,10 +895,7 @@ def write_merged(folder: str | os.PathLike, members: list, model_id: str, title:
         for index, m in enumerate(members, start=1):
             for w in m.weight_files:
                 shutil.copy2(m.path / w["file"], staging / f"m{index}-{w['file']}")
-        validate_metadata(meta, f"metadata for {folder}")
-        staging.chmod(0o755)
-        (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        os.replace(staging, folder)
+        publish_staged(staging, folder, meta)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

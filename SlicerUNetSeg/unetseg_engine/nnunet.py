@@ -659,7 +659,7 @@ def prepare(images: list, section: dict[str, Any]):
         if image.GetSize() != first.GetSize() or not np.allclose(image.GetSpacing(), first.GetSpacing()):
             raise UNetSegError("nnU-Net models need all input channels on the same grid (size and "
                                "spacing); resample them onto the first channel first.")
-    arrays = [sitk.GetArrayFromImage(image).astype(np.float32) for image in images]
+    arrays = [sitk.GetArrayViewFromImage(image).astype(np.float32) for image in images]
     data = arrays[0][None] if len(arrays) == 1 else np.stack(arrays)  # no second copy of one channel
     del arrays
     spacing_kji = list(first.GetSpacing())[::-1]
@@ -673,6 +673,7 @@ def prepare(images: list, section: dict[str, Any]):
     target = section["spacing"]
     new_shape = [int(round(c / t * s)) for c, t, s in zip(current, target, data.shape[1:])]
     normalize(data, mask, section)
+    del mask  # only the normalisation reads it; the resize below is the run's peak
     kw = section["resampling_data"]
     axis = separate_z(current, target, kw.get("force_separate_z"))
     data = resample(data, new_shape, axis, int(kw.get("order", 3)), int(kw.get("order_z", 0)))

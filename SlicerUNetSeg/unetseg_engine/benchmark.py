@@ -170,7 +170,7 @@ def _window_figures(predictor, args) -> dict[str, Any]:
 
     from .inference import Predictor
 
-    window_args = predictor._windows_args()
+    window_args = predictor.network.windows_args()
     batch = window_args["sw_batch_size"]
     channels = len(predictor.model.meta["inputs"])
     sample = torch.randn((batch, channels, *window_args["roi_size"]),

@@ -154,10 +154,6 @@ class Predictor:
     def window_runners(self) -> list[Any]:
         return self.network.window_runners if self.network is not None else []
 
-    def _windows_args(self) -> dict[str, Any]:  # kept for benchmark.py
-        assert self.network is not None, "load a model first"
-        return self.network.windows_args()
-
     # ---- phase 2: load ------------------------------------------------------------------------
     def load(self, model: ModelPackage | str | None = None) -> ModelPackage:
         """Build the network(s) and load checked weights; a no-op if this model is already loaded."""

@@ -927,17 +927,9 @@ def predict_merged(predictor, images, progress=None, cancel=None):
     probability there (linearly interpolated from its model grid) is highest."""
     import SimpleITK as sitk
 
-    from .inference import Predictor, SegmentationResult
+    from .inference import SegmentationResult
     from .preprocess import box_reference
 
-    if not predictor.members:
-        predictor.members = []
-        for member, values in member_packages(predictor.model):
-            sub = Predictor(device=predictor.device, overlap=predictor.overlap,
-                            sw_batch_size=predictor.sw_batch_size, postprocess=predictor.postprocess,
-                            runtime=predictor.runtime_request, mirror=predictor.mirror)
-            sub.load(member)
-            predictor.members.append((sub, values))
     reference = images[0]
     size_kji = reference.GetSize()[::-1]
     out = np.zeros(size_kji, np.uint8 if len(predictor.model.labels) < 255 else np.uint16)

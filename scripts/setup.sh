@@ -14,4 +14,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # "fast": OpenVINO and ONNX Runtime, the faster CPU runtimes (``unetseg segment --runtime``)
 # "cluster": Dask distributed, for ``unetseg batch --cluster``
-.venv/bin/python -m pip install -q -e ".[test,fast,int8,server,cluster]"
+# Keep the installed PyTorch: without this pin, a newer torchvision (which timm, a test dependency,
+# asks for) makes pip replace it with a newer CUDA build of several GB (seen on 2026-12-02).
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+.venv/bin/python -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+.venv/bin/python -m pip install -q -c "$constraints" -e ".[test,fast,int8,server,cluster]"

@@ -34,6 +34,25 @@ def test_clinical_grid_covers_the_same_extent():
     np.testing.assert_allclose(corners(grid), corners(image), atol=1e-6)
 
 
+def test_a_warm_runs_peak_is_read_after_the_peak_is_reset():
+    """The benchmark's ``peak_rss_warm_mb``: after a reset, a 300 MB array freed earlier no longer
+    counts, and one made after it does."""
+    from unetseg_engine.benchmark import _peak_rss_mb, _peak_rss_since_reset_mb, _reset_peak_rss
+
+    if not _reset_peak_rss():
+        pytest.skip("this system has no /proc/self/clear_refs to reset the peak resident size")
+    big = np.ones(300 * 2**20 // 8)  # touched, so resident
+    del big
+    before = _peak_rss_since_reset_mb()
+    assert _reset_peak_rss()
+    after = _peak_rss_since_reset_mb()
+    assert before is not None and after is not None and after < before - 200
+    again = np.ones(300 * 2**20 // 8)
+    assert _peak_rss_since_reset_mb() > after + 250
+    del again
+    assert _peak_rss_mb() >= before  # the process's peak still counts what came before the resets
+
+
 def test_a_benchmark_child_asked_for_no_runs_is_refused_and_writes_nothing(tmp_path, capsys):
     """``--runs 0`` left the child without a label map (an IndexError reported as the pipeline's
     error): it is refused before anything is read or written."""
@@ -78,6 +97,10 @@ def test_benchmark_native_json_and_grids(tmp_path):
         assert result["on_input_grid"] is True
         assert 0.0 <= result["dice"] <= 1.0
         assert set(result["dice_per_label"]) == set(OPENKBP_LABELS)
+    for key in ("ours", "reference"):  # 2 runs each: the last one's own peak is there too
+        result = case[key]
+        # (VmHWM and getrusage may differ by a page or two)
+        assert result["rss_after_import_mb"] < result["peak_rss_warm_mb"] <= result["peak_rss_mb"] + 1
     assert "inference_s" in case["ours"]["stages"]
     assert "sliding_window_s" in case["reference"]["stages"]
     for key in ("ratio_time", "ratio_memory"):

@@ -123,8 +123,37 @@ def dice_scores(pred: np.ndarray, truth: np.ndarray, labels: list[dict[str, Any]
 
 
 # ---- child processes --------------------------------------------------------------------------
+_peak_before_reset_mb = 0.0  # the process's peak when ``_reset_peak_rss`` last ran
+
+
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KB on Linux
+    """The process's peak resident size (MB), resets included (they lower ``ru_maxrss`` too)."""
+    now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KB on Linux
+    return max(now, _peak_before_reset_mb)
+
+
+def _reset_peak_rss() -> bool:
+    """Start this process's peak resident size (VmHWM) afresh, so that a warm run's own peak can be
+    read (Linux: ``5`` into ``/proc/self/clear_refs``); False where that is not possible."""
+    global _peak_before_reset_mb
+    peak = _peak_rss_mb()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    _peak_before_reset_mb = peak
+    return True
+
+
+def _peak_rss_since_reset_mb() -> float | None:
+    """VmHWM (MB): the peak resident size since ``_reset_peak_rss``; None without /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _run_ours(args, result: dict[str, Any]) -> sitk.Image:
@@ -144,9 +173,8 @@ def _run_ours(args, result: dict[str, Any]) -> sitk.Image:
     result["runtime_notes"] = predictor.runtime_notes
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    runs = []
-    label = None
-    for _ in range(args.runs):
+
+    def one_run() -> tuple[sitk.Image, dict[str, Any]]:
         t0 = time.perf_counter()
         image = sitk.ReadImage(args.input)
         read_s = time.perf_counter() - t0
@@ -154,10 +182,24 @@ def _run_ours(args, result: dict[str, Any]) -> sitk.Image:
         if args.device == "cuda":
             torch.cuda.synchronize()
         total = time.perf_counter() - t0
-        stages = {"read_s": read_s, **out.timings}
-        runs.append({"total_s": total, "stages": stages, "done": time.time()})
-        label = out.label_map
+        return out.label_map, {"total_s": total, "stages": {"read_s": read_s, **out.timings},
+                               "done": time.time()}
+
+    runs = []
+    label = None
+    warm_peak = False
+    for i in range(args.runs):
+        if i == args.runs - 1 and i > 0:
+            # the last run's own peak, with the model loaded and the runtime's graph compiled: what
+            # every scan after the first costs. The process's peak also holds the first run and, with
+            # an empty cache, the graph's export. Nothing of the previous run is held through it.
+            label = None
+            warm_peak = _reset_peak_rss()
+        label, run = one_run()
+        runs.append(run)
     assert label is not None  # --runs is at least 1
+    if warm_peak:
+        result["peak_rss_warm_mb"] = _peak_rss_since_reset_mb()
     result.update(_summary(runs, load_s, result))
     result.update(_window_figures(predictor, args))
     return label
@@ -208,7 +250,11 @@ def _run_reference(args, result: dict[str, Any]) -> sitk.Image:
         torch.cuda.reset_peak_memory_stats()
     runs = []
     label = None
-    for _ in range(args.runs):
+    warm_peak = False
+    for i in range(args.runs):
+        if i == args.runs - 1 and i > 0:  # the last run's own peak, as for ours
+            label = None
+            warm_peak = _reset_peak_rss()
         stages: dict[str, float] = {}
         t0 = time.perf_counter()
         label = pipeline.run(args.input, stages)
@@ -216,6 +262,8 @@ def _run_reference(args, result: dict[str, Any]) -> sitk.Image:
         runs.append({"total_s": total, "stages": {f"{k}_s": v for k, v in stages.items()},
                      "done": time.time()})
     assert label is not None  # --runs is at least 1
+    if warm_peak:
+        result["peak_rss_warm_mb"] = _peak_rss_since_reset_mb()
     result.update(_summary(runs, load_s, result))
     return label
 
@@ -360,6 +408,8 @@ def _ratios(entry: dict[str, Any], ours: dict[str, Any], ref: dict[str, Any], de
         entry["ratio_time"] = round(ours["total_s"] / ref["total_s"], 4)
         entry["ratio_time_cold"] = round(ours["cold_s"] / ref["cold_s"], 4)
         entry["ratio_memory"] = round(ours["peak_rss_mb"] / ref["peak_rss_mb"], 4)
+        if ours.get("peak_rss_warm_mb") and ref.get("peak_rss_warm_mb"):
+            entry["ratio_memory_warm"] = round(ours["peak_rss_warm_mb"] / ref["peak_rss_warm_mb"], 4)
         if device == "cuda" and ref.get("peak_gpu_mb"):
             entry["ratio_gpu_memory"] = round(ours["peak_gpu_mb"] / ref["peak_gpu_mb"], 4)
     if "dice" in ours and "dice" in ref:
@@ -446,7 +496,7 @@ def format_table(report: dict[str, Any]) -> str:
                  f"load average at start {m.get('load_average')}")
     lines.append(f"Model: {report['model']['id']} ({report['model']['path']})")
     header = (f"{'case':<32}{'dev':<5}{'pipeline':<10}{'runtime':<13}{'warm s':>8}{'cold s':>8}"
-              f"{'s/window':>9}{'peak RSS MB':>12}{'GPU MB':>8}{'Dice':>8}{'grid':>6}")
+              f"{'s/window':>9}{'peak RSS MB':>12}{'warm peak':>10}{'GPU MB':>8}{'Dice':>8}{'grid':>6}")
     lines += ["", header, "-" * len(header)]
     shown: set[int] = set()
     for case in report["cases"]:
@@ -469,6 +519,7 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"{name:<32}{case['device']:<5}{label:<10}{runtime:<13}"
                          f"{_fmt(r.get('total_s')):>8}{_fmt(r.get('cold_s')):>8}"
                          f"{_fmt(r.get('window_s'), '.3f'):>9}{_fmt(r.get('peak_rss_mb'), '.0f'):>12}"
+                         f"{_fmt(r.get('peak_rss_warm_mb'), '.0f'):>10}"
                          f"{_fmt(r.get('peak_gpu_mb'), '.0f'):>8}{_fmt(r.get('dice'), '.4f'):>8}{grid:>6}")
             for note in r.get("runtime_notes", []):
                 lines.append(f"{'':<37}! {note}")

@@ -101,6 +101,11 @@ def test_benchmark_native_json_and_grids(tmp_path):
         result = case[key]
         # (VmHWM and getrusage may differ by a page or two)
         assert result["rss_after_import_mb"] < result["peak_rss_warm_mb"] <= result["peak_rss_mb"] + 1
+    for entry in report["cases"]:  # the compiled runtimes, again in a process with the graph cached
+        cached = entry["ours"].get("graph_cached")
+        assert (cached is not None) == (entry["runtime"] in ("openvino", "onnxruntime"))
+        if cached:
+            assert "error" not in cached and cached["peak_rss_mb"] > 0 and cached["total_s"] > 0
     assert "inference_s" in case["ours"]["stages"]
     assert "sliding_window_s" in case["reference"]["stages"]
     for key in ("ratio_time", "ratio_memory"):

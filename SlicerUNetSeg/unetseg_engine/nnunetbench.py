@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,13 +32,10 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from .benchmark import _peak_rss_mb
 from .errors import UNetSegError
 
 FIXTURE_PLANS = Path(__file__).resolve().parents[2] / "Testing" / "fixtures" / "nnunet"
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _child(argv=None) -> int:

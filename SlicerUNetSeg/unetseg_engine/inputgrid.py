@@ -6,7 +6,10 @@ probability above ``REGION_THRESHOLD`` (elsewhere background wins the argmax any
 interpolation is a convex combination). So a 4 mm model gives smooth boundaries on a 0.8 mm scan
 without a float copy of every class at full resolution. For the same reason, a voxel whose 8
 surrounding model voxels share their most probable class takes that class without interpolating
-anything; only voxels on organ boundaries are interpolated (``argmax_on``).
+anything; only voxels on organ boundaries are interpolated (``argmax_on``), a slab of slices at a
+time, so an untrained network whose labels change every few voxels costs bounded memory; where most
+of a slab is boundary on an axis-aligned grid (nnU-Net's always is), every class is interpolated by
+three 1-D steps instead of point by point (``_argmax_separable``).
 
 nnU-Net models hand over logits (``logits=True`` here): the region is where an organ wins, and a model
 exported with a separate low-resolution axis is resampled nnU-Net's way (``nnunet.export_separate_z``).
@@ -32,6 +35,8 @@ REGION_THRESHOLD = 0.01
 # Above this fraction of boundary voxels (a noisy, untrained network) ``argmax_on`` interpolates
 # every class at every voxel instead, which then costs less.
 MIXED_FRACTION_LIMIT = 0.15
+# Boundary voxels are interpolated this many input voxels at a time (bounded memory).
+SLAB_VOXELS = 1 << 21
 
 Masks = dict[int, tuple[Box, np.ndarray]]  # label value -> (box, bool mask (k, j, i) in the box)
 
@@ -216,30 +221,88 @@ def argmax_on(probs: np.ndarray, prepared: Prepared, ref: sitk.Image,
     del cells
     if is_cancelled():
         raise CancelledError()
-    kji = np.nonzero(out == mixed)
+    n_mixed = int(np.count_nonzero(out == mixed))
     # a noisy model: interpolate every class (not for nnU-Net's logits, which clamp at the edges)
-    if kji[0].size > MIXED_FRACTION_LIMIT * out.size and not logits:
-        del kji
+    if n_mixed > MIXED_FRACTION_LIMIT * out.size and not logits:
         return _argmax_resampled(probs, prepared.grid, ref, is_cancelled, out)
-    if kji[0].size:
-        # Model-grid continuous indices of those voxels, clamped as the linear interpolator does.
+    if n_mixed:
+        # Slab by slab along the input's slice axis, so memory stays bounded however many voxels
+        # are on boundaries (an untrained network's labels change every few voxels).
         shape_xyz = probs.shape[1:][::-1]
-        coords = []
-        for p in (2, 1, 0):  # model z, y, x, as the (C, z, y, x) array is indexed
-            if axes is not None:
-                a = axes.index(p)
-                c = along[a][kji[2 - a]]
-            else:
-                row = to_model[p]
-                c = origin[p] + row[0] * kji[2] + row[1] * kji[1] + row[2] * kji[0]
-            np.clip(c, 0, shape_xyz[p] - 1, out=c)
-            coords.append(c)
-        scores = np.empty((n_classes, kji[0].size), np.float32)
-        for channel in range(n_classes):
-            ndimage.map_coordinates(probs[channel], coords, output=scores[channel], order=1,
-                                    mode="nearest", prefilter=False)
-        out[kji] = argmax_first_axis(scores, small)
+        step = max(1, SLAB_VOXELS // max(1, out.shape[1] * out.shape[2]))
+        for k0 in range(0, out.shape[0], step):
+            if is_cancelled():
+                raise CancelledError()
+            slab = out[k0:k0 + step]
+            where = slab == mixed
+            count = int(np.count_nonzero(where))
+            if not count:
+                continue
+            if axes is not None and count > MIXED_FRACTION_LIMIT * slab.size:
+                ks = slice(k0, k0 + slab.shape[0])
+                dense = _argmax_separable(probs, axes, [along[0], along[1], along[2][ks]], small)
+                slab[where] = dense[where]
+                continue
+            kji = list(np.nonzero(where))
+            kji[0] += k0
+            # Model-grid continuous indices of those voxels, clamped as the linear interpolator does.
+            coords = []
+            for p in (2, 1, 0):  # model z, y, x, as the (C, z, y, x) array is indexed
+                if axes is not None:
+                    a = axes.index(p)
+                    c = along[a][kji[2 - a]]
+                else:
+                    row = to_model[p]
+                    c = origin[p] + row[0] * kji[2] + row[1] * kji[1] + row[2] * kji[0]
+                np.clip(c, 0, shape_xyz[p] - 1, out=c)
+                coords.append(c)
+            scores = np.empty((n_classes, count), np.float32)
+            for channel in range(n_classes):
+                ndimage.map_coordinates(probs[channel], coords, output=scores[channel], order=1,
+                                        mode="nearest", prefilter=False)
+            slab[where] = argmax_first_axis(scores, small)
     return out
+
+
+def _lerp_along(values: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
+    """``values`` linearly interpolated at continuous indices ``coords`` along ``axis``, clamped at
+    the ends as ``map_coordinates(mode="nearest")`` does."""
+    n = values.shape[axis]
+    c = np.clip(coords, 0, n - 1)
+    low = np.minimum(np.floor(c).astype(np.intp), max(n - 2, 0))
+    high = np.minimum(low + 1, n - 1)
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    w = (c - low).astype(np.float32).reshape(shape)
+    a = np.take(values, low, axis=axis)
+    b = np.take(values, high, axis=axis)
+    b -= a
+    b *= w
+    a += b
+    return a
+
+
+def _argmax_separable(probs: np.ndarray, axes: list[int], along: list[np.ndarray], dtype: Any) -> np.ndarray:
+    """Argmax over classes of every class linearly interpolated at the voxels of an axis-aligned
+    input grid (``along[a]``: model continuous indices of input axis ``a``'s voxels), as three 1-D
+    interpolations per class: the dense case of ``argmax_on``, for one slab at a time."""
+    # output axis d (k, j, i) is input axis 2 - d, which runs along model axis axes[2 - d], which is
+    # array axis 2 - axes[2 - d] of the (z, y, x) channel
+    order = [2 - axes[2 - d] for d in range(3)]
+    best: np.ndarray | None = None
+    index: np.ndarray | None = None
+    for c in range(probs.shape[0]):
+        v = probs[c].transpose(order)
+        for d in range(3):
+            v = _lerp_along(v, d, along[2 - d])
+        if best is None or index is None:
+            best, index = v, np.zeros(v.shape, dtype)
+        else:
+            take = v > best
+            np.copyto(best, v, where=take)
+            index[take] = c
+    assert index is not None
+    return index
 
 
 def _argmax_resampled(probs: np.ndarray, grid: sitk.Image, ref: sitk.Image, is_cancelled: CancelCallback,

@@ -530,11 +530,42 @@ def _resize(image: np.ndarray, shape, order: int, dtype=np.float64) -> np.ndarra
 
     if tuple(image.shape) == tuple(shape):
         return np.asarray(image, dtype)
-    zoom = [o / i for i, o in zip(image.shape, shape)]
-    out = ndimage.zoom(image, zoom, output=dtype, order=order, mode="nearest", grid_mode=True)
-    if order > 1:  # skimage clips to the input's range (interpolation of order <= 1 cannot overshoot)
-        np.clip(out, image.min(), image.max(), out=out)
+    if order <= 1:  # no spline coefficients; interpolation of order <= 1 cannot overshoot
+        zoom = [o / i for i, o in zip(image.shape, shape)]
+        return ndimage.zoom(image, zoom, output=dtype, order=order, mode="nearest", grid_mode=True)
+    low, high = image.min(), image.max()
+    out = _zoom_spline(image, shape, order, dtype)
+    np.clip(out, low, high, out=out)  # skimage clips to the input's range
     return out
+
+
+SPLINE_PAD = 12  # what ``ndimage.zoom`` pads by before its spline filter (``_prepad_for_spline_filter``)
+
+
+def _zoom_spline(image: np.ndarray, shape, order: int, dtype) -> np.ndarray:
+    """``ndimage.zoom(image, ..., order, mode="nearest", grid_mode=True)`` with one whole-scan copy
+    instead of two: zoom pads the image by edge replication (a copy in its own type) and then
+    spline-filters that into a float64 copy. Here the padded image is written as float64 once, filtered
+    in place, and interpolated without a second prefilter (on 512x512x300: 340 MB less)."""
+    from scipy import ndimage
+
+    pad = SPLINE_PAD
+    padded = np.empty([n + 2 * pad for n in image.shape], np.float64)
+    padded[tuple(slice(pad, pad + n) for n in image.shape)] = image
+    for axis, n in enumerate(image.shape):  # edge replication, axis by axis as np.pad does
+        before: list[slice | int] = [slice(None)] * image.ndim
+        after = list(before)
+        before[axis], after[axis] = slice(0, pad), slice(pad + n, None)
+        first, last = list(before), list(before)
+        first[axis], last[axis] = slice(pad, pad + 1), slice(pad + n - 1, pad + n)
+        padded[tuple(before)] = padded[tuple(first)]
+        padded[tuple(after)] = padded[tuple(last)]
+    ndimage.spline_filter(padded, order, output=padded, mode="nearest")
+    factor = [i / o for i, o in zip(image.shape, shape)]
+    # grid mode: output voxel o samples input coordinate (o + 0.5) * factor - 0.5, here + pad
+    offset = [0.5 * f - 0.5 + pad for f in factor]
+    return ndimage.affine_transform(padded, factor, offset=offset, output_shape=tuple(shape), output=dtype,
+                                    order=order, mode="nearest", prefilter=False)
 
 
 def separate_z(current_spacing, new_spacing, force: bool | None) -> int | None:
@@ -719,6 +750,7 @@ def run_windows(predictor, array: np.ndarray, sw_device: str, report, is_cancell
     import torch
 
     from .errors import CancelledError
+    from .runtimes import after_scan
 
     model = predictor.model
     section = model.meta["nnunet"]
@@ -759,13 +791,19 @@ def run_windows(predictor, array: np.ndarray, sw_device: str, report, is_cancell
                     done += len(group)
                     report("inference", min(1.0, done / total))
             summed /= len(flips) * len(runners)
-            logits[(slice(None), *sl)] += summed * weight
+            logits[(slice(None), *sl)] += summed.mul_(weight)
             norm[sl] += weight
+    after_scan(runners)
     torch.div(logits, norm, out=logits)
+    del norm
     unpad = tuple(slice(a, a + s) for (a, _), s in zip(pad, shape))
     logits = logits[(slice(None), *unpad)]
     backward = section["transpose_backward"]
-    return np.ascontiguousarray(logits.float().numpy().transpose([0, *[a + 1 for a in backward]]))
+    # float32 in the scan's axis order, written channel by channel: one copy, not two
+    out = np.empty((n_classes, *[shape[a] for a in backward]), np.float32)
+    for c in range(n_classes):
+        out[c] = logits[c].numpy().transpose(backward)
+    return out
 
 
 def foreground_mask(logits: np.ndarray) -> np.ndarray:

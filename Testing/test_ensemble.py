@@ -52,7 +52,7 @@ def test_ensemble_probabilities_are_the_mean_of_its_members(members, ct, tmp_pat
     # the whole path: labels on the input grid, from averaged probabilities
     predictor = Predictor(device="cpu")
     predictor.load(ensemble)
-    assert len(predictor.networks) == 2
+    assert len(predictor.networks if predictor.runtime == "torch" else predictor.window_runners) == 2
     assert predictor.predict([ct]).label_map.GetSize() == ct.GetSize()
 
 

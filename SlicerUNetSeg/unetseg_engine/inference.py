@@ -18,6 +18,7 @@ networks, so a warm predictor serves requests with different settings without re
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -30,6 +31,7 @@ from .errors import CancelledError, UNetSegError
 from .inputgrid import Masks, labels_on_input_grid, region_box
 from .modelpkg import ModelPackage, get_model
 from .preprocess import Prepared, prepare
+from .runtimes import release_freed_heap
 from .windows import (
     CancelCallback,
     NetworkRunner,
@@ -173,6 +175,11 @@ class Predictor:
         else:
             self.network = NetworkRunner(package, self.device, self.runtime_request, self.settings.windows)
         self.model = package
+        # Loading freed the checkpoint, the networks' copies made for export and, on a compiled
+        # runtime, the PyTorch networks (torch modules hold reference cycles): give that back to the
+        # system. nnU-Net's default network for OpenKBP on OpenVINO: resident 1012 -> 723 MB.
+        gc.collect()
+        release_freed_heap()
         return package
 
     def has_loaded(self, package: ModelPackage) -> bool:
@@ -216,6 +223,7 @@ class Predictor:
         else:
             prepared = prepare(images, desc.preprocessing, window)
         timings["preprocess_s"] = time.perf_counter() - t
+        release_freed_heap()  # preprocessing's whole-scan temporaries, before the windows' buffers
         if is_cancelled():
             raise CancelledError()
 

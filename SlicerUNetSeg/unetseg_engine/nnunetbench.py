@@ -3,7 +3,7 @@
 The parent imports the nnU-Net folder once as our package, writes the inputs (the OpenKBP scan as it
 is, and resampled to the clinical 512 x 512 x 300 grid, as ``benchmark.py`` does), and runs each
 predictor in its own child process (``python -m unetseg_engine.nnunetbench --child nnunet|ours``) so
-each peak resident memory (``ru_maxrss``) is its own. ``total_s``: reading the file to the label map on
+each peak resident memory (VmHWM) is its own. ``total_s``: reading the file to the label map on
 the input grid, model already loaded. Ours runs once per runtime asked for (``--runtimes``: torch,
 openvino, onnxruntime; default every installed one); for the compiled runtimes the ONNX graph is
 exported into the cache by a first child that only loads the model (as a user's first run does), so

@@ -28,7 +28,7 @@ from .checks import check_device, check_settings
 from .errors import CancelledError, UNetSegError
 from .modeldesc import ModelDescription
 from .modelpkg import ModelPackage
-from .runtimes import WindowRunner, check_runtime
+from .runtimes import WindowRunner, after_scan, check_runtime
 
 ProgressCallback = Callable[[str, float], None]
 CancelCallback = Callable[[], bool]
@@ -118,11 +118,16 @@ class NetworkRunner:
                 if device == "cpu" and desc.network.framework != "nnunetv2":
                     channels_last_instance_norm(network)
             networks.append(network)
-        self.networks: list[Any] = networks  # the PyTorch networks, one per weights file
+        # the PyTorch networks, one per weights file; empty once a compiled runtime runs the windows
+        self.networks: list[Any] = networks
         # what runs the windows (``runtimes.select_runtime``): the networks themselves for PyTorch
         self.runtime, self.window_runners, self.runtime_notes = select_runtime(
             self.runtime_request, device, networks, fresh, [w.sha256 for w in desc.weights],
             list(desc.window_zyx), desc.n_inputs, package.int8_graph)
+        if self.runtime != "torch":
+            # a compiled runtime runs every window (on the CPU, where there is no out-of-memory
+            # fallback to move networks for): the PyTorch copies would only hold the weights' size
+            networks.clear()
 
     def with_settings(self, settings: WindowSettings) -> NetworkRunner:
         """The same loaded networks (shared, not copied) with other per-run settings."""
@@ -240,6 +245,7 @@ class NetworkRunner:
                     logits = logits[:, mirror]
                 probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
                 summed = probs if summed is None else summed + probs
+        after_scan(runners)
         assert summed is not None
         result = (summed / len(passes))[0]
         return result.cpu().numpy().astype(np.float32, copy=False)

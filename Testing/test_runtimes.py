@@ -172,3 +172,36 @@ def test_segment_command_takes_runtime_and_names_it(ct, tiny_package, tmp_path, 
                    str(tiny_package.path), "--device", "cpu", "--runtime", "onnxruntime"])
     assert status == 0 and out.is_file()
     assert "(ONNX Runtime)" in capsys.readouterr().err
+
+
+class _CountingCompiled:
+    """OpenVINO's compiled model, with its ``release_memory`` calls counted."""
+
+    def __init__(self, compiled):
+        self.compiled, self.released = compiled, 0
+
+    def release_memory(self):
+        self.released += 1
+        self.compiled.release_memory()
+
+
+def test_openvino_gives_back_large_window_buffers_after_each_scan_and_keeps_small_ones(
+        ct, tiny_package, monkeypatch):
+    """The PyTorch networks are freed once OpenVINO runs the windows; OpenVINO's buffers are released
+    after a scan only when the first window allocated more than ``RELEASE_BUFFERS_MB``, and the next
+    scan (buffers allocated again) gives the same labels."""
+    needs("openvino")
+    predictor = Predictor(device="cpu", runtime="openvino")
+    predictor.load(tiny_package)
+    assert predictor.runtime == "openvino" and predictor.networks == []
+    runner = predictor.window_runners[0]
+    counting = runner._compiled = _CountingCompiled(runner._compiled)
+    first = sitk.GetArrayFromImage(predictor.predict([ct]).label_map)
+    assert counting.released == 0 and runner._buffers_mb is not None  # small: kept
+    monkeypatch.setattr(runtimes, "RELEASE_BUFFERS_MB", -1.0)  # every size counts as large
+    second = sitk.GetArrayFromImage(predictor.predict([ct]).label_map)
+    assert counting.released == 1 and runner._buffers_mb is None  # measured again next scan
+    third = sitk.GetArrayFromImage(predictor.predict([ct]).label_map)
+    assert counting.released == 2
+    np.testing.assert_array_equal(second, first)
+    np.testing.assert_array_equal(third, first)

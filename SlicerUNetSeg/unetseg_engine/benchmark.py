@@ -37,7 +37,7 @@ import SimpleITK as sitk
 
 from .checks import DEVICES
 from .errors import UNetSegError
-from .runtimes import RUNTIME_CHOICES
+from .runtimes import RUNTIME_CHOICES, process_status_mb
 
 DATASET = "openkbp_hn_oar"
 CLINICAL_SIZE = (512, 512, 300)  # (x, y, z) voxels
@@ -153,13 +153,7 @@ def _reset_peak_rss() -> bool:
 
 def _peak_rss_since_reset_mb() -> float | None:
     """VmHWM (MB): the peak resident size since ``_reset_peak_rss``; None without /proc."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return process_status_mb("VmHWM")
 
 
 def _run_ours(args, result: dict[str, Any]) -> sitk.Image:

@@ -174,14 +174,15 @@ def _one_window_at_a_time(run: Callable[[Any], Any], x):
 RELEASE_BUFFERS_MB = 400.0
 
 
-def _resident_mb() -> float | None:
-    """This process's resident size (VmRSS, MB); None without /proc."""
+def process_status_mb(field: str) -> float | None:
+    """A memory field of this process's ``/proc/self/status`` (``VmRSS``, ``VmHWM``: resident size,
+    its peak), in MB; None without /proc."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
         pass
     return None
 
@@ -218,18 +219,18 @@ class OpenVINORunner:
         self._buffers_mb: float | None = None  # what the first window allocated, once measured
 
     def _run(self, array):
-        if self._buffers_mb is None:
-            before = _resident_mb()
-            out = next(iter(self._request.infer({0: array}, share_inputs=True).values()))
-            after = _resident_mb()
+        measure = self._buffers_mb is None
+        before = process_status_mb("VmRSS") if measure else None
+        out = next(iter(self._request.infer({0: array}, share_inputs=True).values()))
+        if measure:
+            after = process_status_mb("VmRSS")
             self._buffers_mb = after - before if before is not None and after is not None else 0.0
-            return out
-        return next(iter(self._request.infer({0: array}, share_inputs=True).values()))
+        return out
 
     def after_scan(self) -> None:
         """Give back the intermediate buffers when they are large: OpenVINO keeps them between
         windows (the next scan's first window then reallocates them: +0.2 s), and for nnU-Net's
-        default network they are about 900 MB, which the rest of the scan would carry."""
+        default network they are 1.1 GB, which the rest of the scan would carry."""
         if self._buffers_mb is not None and self._buffers_mb > RELEASE_BUFFERS_MB:
             self._compiled.release_memory()
             self._buffers_mb = None  # measured again with the next scan

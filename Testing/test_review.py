@@ -206,8 +206,10 @@ def test_statistics_count_only_contoured_organs(tmp_path):
     stats = label_statistics([str(dataset)], model.labels, model.meta["preprocessing"])
     assert stats["labels"]["Larynx"]["cases"] == 1
     assert stats["labels"]["Brainstem"]["cases"] == 2
-    larynx_222 = (sitk.GetArrayViewFromImage(sitk.ReadImage(str(root / "labelsTr/pt_222.nii.gz"))) == 6).sum()
-    spacing = sitk.ReadImage(str(root / "labelsTr/pt_222.nii.gz")).GetSpacing()
+    # a copy, not a view: a view of a temporary image reads freed memory once the image is collected
+    label_222 = sitk.ReadImage(str(root / "labelsTr/pt_222.nii.gz"))
+    larynx_222 = (sitk.GetArrayFromImage(label_222) == 6).sum()
+    spacing = label_222.GetSpacing()
     assert stats["labels"]["Larynx"]["volume_ml"]["min"] == pytest.approx(
         larynx_222 * np.prod(spacing) / 1000, abs=0.01)
     assert stats["left_right_pairs"] == [{"right": "RightParotid", "left": "LeftParotid"}]

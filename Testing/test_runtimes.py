@@ -205,3 +205,50 @@ def test_openvino_gives_back_large_window_buffers_after_each_scan_and_keeps_smal
     assert counting.released == 2
     np.testing.assert_array_equal(second, first)
     np.testing.assert_array_equal(third, first)
+
+
+def test_bfloat16_runs_where_the_cpu_has_it_and_otherwise_float32_with_one_line(ct, tiny_package,
+                                                                               monkeypatch):
+    """``openvino-bf16`` compiles the graph at bfloat16 where OpenVINO reports native bfloat16 (the
+    compiled model's own precision property says so); on a CPU without it the same request runs
+    OpenVINO float32 and says so in one line."""
+    needs("openvino")
+    if runtimes.openvino_has_bf16():
+        predictor = Predictor(device="cpu", runtime=runtimes.BF16)
+        predictor.load(tiny_package)
+        assert predictor.runtime == runtimes.BF16 and not predictor.runtime_notes
+        import openvino as ov
+
+        compiled = predictor.window_runners[0]._compiled
+        assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+    monkeypatch.setattr(runtimes, "openvino_has_bf16", lambda: False)
+    predictor = Predictor(device="cpu", runtime=runtimes.BF16)
+    predictor.load(tiny_package)
+    result = predictor.predict([ct])
+    assert result.runtime == "openvino" and len(result.messages) == 1, result.messages
+    assert "bfloat16" in result.messages[0] and "\n" not in result.messages[0]
+    float32 = Predictor(device="cpu", runtime="openvino")
+    float32.load(tiny_package)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.label_map),
+                                  sitk.GetArrayFromImage(float32.predict([ct]).label_map))
+
+
+@pytest.mark.slow
+def test_bfloat16_keeps_the_shipped_models_organs(ct, torch_golden):
+    """The shipped model at bfloat16 on pt_201: each organ above its golden floor, and within Dice
+    0.99 of PyTorch's float32 labels."""
+    needs("openvino")
+    if not runtimes.openvino_has_bf16():
+        pytest.skip("this CPU has no native bfloat16 for OpenVINO (AVX512_BF16 or AMX)")
+    predictor = Predictor(device="cpu", runtime=runtimes.BF16)
+    predictor.load(get_model("openkbp-hn-oar"))
+    result = predictor.predict([ct])
+    assert result.runtime == runtimes.BF16 and not result.messages
+    labels = sitk.GetArrayFromImage(result.label_map)
+    against_torch = {v: dice(labels == v, torch_golden == v) for v in range(1, 8)}
+    print(f"bfloat16 vs PyTorch float32: {against_torch}, voxels differing "
+          f"{int((labels != torch_golden).sum())} of {labels.size}")
+    assert min(against_torch.values()) > 0.99, against_torch
+    scores = organ_dice(result.label_map, sitk.ReadImage(str(openkbp("pt_201")[1])))
+    low = {n: round(d, 3) for n, d in scores.items() if d < FLOORS[n]}
+    assert not low, f"bfloat16: organs below their Dice floor: {low}"

@@ -19,7 +19,8 @@ SETTINGS_RUN_ON, SETTINGS_SERVER_URL, SETTINGS_SERVER_TOKEN = (
     "SlicerUNetSeg/RunOn", "SlicerUNetSeg/ServerURL", "SlicerUNetSeg/ServerToken")
 RUNTIME_CHOICES = [("Auto (fastest installed)", "auto"), ("PyTorch", "torch"), ("OpenVINO", "openvino"),
                    ("ONNX Runtime", "onnxruntime"),
-                   ("OpenVINO int8 (models that have it)", "openvino-int8")]
+                   ("OpenVINO int8 (models that have it)", "openvino-int8"),
+                   ("OpenVINO bfloat16 (CPUs that have it)", "openvino-bf16")]
 
 
 def runtimeTitle(runtime: str | None) -> str:

@@ -31,7 +31,8 @@ class SlicerUNetSegParameterNode:
     overrideWindow/windowLevel/windowWidth: the preprocessing window (never the volume's voxels).
     device: "auto", "cuda" or "cpu".
     runtime: what runs the network on the CPU: "auto" (the fastest installed), "torch", "openvino",
-    "onnxruntime" or "openvino-int8" (the model's int8 graph, when it has one)."""
+    "onnxruntime", "openvino-int8" (the model's int8 graph, when it has one) or "openvino-bf16"
+    (OpenVINO at bfloat16, on CPUs with native bfloat16)."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     inputVolume2: vtkMRMLScalarVolumeNode

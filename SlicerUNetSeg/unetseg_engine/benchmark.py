@@ -424,13 +424,13 @@ def run_benchmark(model: str | None, case: str = "pt_201", sizes=("native", "cli
     of ``cases`` per input size, device and runtime of ours (the MONAI reference runs once per size
     and device, and its figures appear in each of those entries)."""
     from .modelpkg import get_model
-    from .runtimes import INT8, RUNTIMES, installed_runtimes
+    from .runtimes import REDUCED, RUNTIMES, installed_runtimes
 
     runtimes = list(runtimes or installed_runtimes())
     for runtime in runtimes:
-        if runtime not in RUNTIMES + (INT8,):
+        if runtime not in RUNTIMES + REDUCED:
             raise UNetSegError(f"Unknown runtime '{runtime}' in --runtimes: use "
-                               f"{', '.join(RUNTIMES + (INT8,))}.")
+                               f"{', '.join(RUNTIMES + REDUCED)}.")
 
     package = get_model(model)
     model_path = str(package.path)

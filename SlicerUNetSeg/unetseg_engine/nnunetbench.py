@@ -138,16 +138,16 @@ def _agreement(a: Path, b: Path, labels) -> dict[str, Any]:
 def run(folder: Path | None, case: str, sizes, threads=None, mirror=True, runtimes=("torch",),
         log=print) -> dict[str, Any]:
     """nnU-Net's predictor once per size, ours once per size and runtime (``runtimes``: torch,
-    openvino, onnxruntime); each case entry holds ``nnunet`` and ``ours`` (runtime -> figures, with
+    openvino, onnxruntime, openvino-bf16); each case entry holds ``nnunet`` and ``ours`` (runtime -> figures, with
     the time and memory ratios and the agreement of that runtime's labels with nnU-Net's)."""
     from .benchmark import machine_info, make_inputs
     from .nnunet import import_nnunet
-    from .runtimes import RUNTIMES
+    from .runtimes import BF16, RUNTIMES
 
     for runtime in runtimes:
-        if runtime not in RUNTIMES:
+        if runtime not in RUNTIMES + (BF16,):
             raise UNetSegError(f"Unknown runtime '{runtime}' for --against nnunet: use "
-                               f"{', '.join(RUNTIMES)}.")
+                               f"{', '.join(RUNTIMES + (BF16,))}.")
     report: dict[str, Any] = {"machine": machine_info(), "mirror": mirror, "cases": []}
     with tempfile.TemporaryDirectory(prefix="unetseg-nnbench-") as tmp:
         work = Path(tmp)

@@ -16,6 +16,12 @@ checked before every use as the weights are; a graph that fails the check is exp
 this model (measured once per model, window, thread count, CPU and runtime versions, and recorded in
 the cache); on CUDA it is PyTorch. A runtime that is not installed or cannot compile the graph gives
 one line in the result's messages, and the predictor runs on PyTorch.
+
+``openvino-bf16`` runs the same graph with OpenVINO's bfloat16 inference precision: weights and
+activations rounded to bfloat16, sums kept in float32 (on CPUs with native bfloat16 instructions,
+AVX512_BF16 or AMX; elsewhere it runs OpenVINO float32 and says so). It is the CPU counterpart of the
+reduced precision nnU-Net's own predictor uses on a GPU (``torch.autocast``, float16). ``auto`` never
+picks it: like int8, its labels differ slightly from float32's, so it runs only when asked for.
 """
 
 from __future__ import annotations
@@ -42,9 +48,12 @@ RUNTIMES = ("torch", "openvino", "onnxruntime")
 # int8 runs only when asked for, and only for a package holding a graph that passed its gate
 # (``quantize.py``): ``auto`` never picks it, since its labels differ slightly from float32's
 INT8 = "openvino-int8"
-RUNTIME_CHOICES = ("auto",) + RUNTIMES + (INT8,)
+# bfloat16 runs only when asked for too (see the module's docstring)
+BF16 = "openvino-bf16"
+REDUCED = (INT8, BF16)
+RUNTIME_CHOICES = ("auto",) + RUNTIMES + REDUCED
 RUNTIME_TITLES = {"torch": "PyTorch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime",
-                  INT8: "OpenVINO int8"}
+                  INT8: "OpenVINO int8", BF16: "OpenVINO bfloat16"}
 # the Python module each runtime needs (importable without importing it: find_spec)
 _MODULES = {"torch": "torch", "openvino": "openvino", "onnxruntime": "onnxruntime"}
 OPSET = 17
@@ -195,19 +204,30 @@ def after_scan(runners) -> None:
             hook()
 
 
+def openvino_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin runs bfloat16 natively here (its ``OPTIMIZATION_CAPABILITIES``
+    name BF16 on CPUs with AVX512_BF16 or AMX); False without OpenVINO."""
+    try:
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # noqa: BLE001 - not installed, or no CPU plugin: no bfloat16 either
+        return False
+
+
 class OpenVINORunner:
-    """An ONNX graph compiled by OpenVINO for the CPU with a static shape of one window."""
+    """An ONNX graph compiled by OpenVINO for the CPU with a static shape of one window, at float32
+    (``precision="f32"``) or bfloat16 (``"bf16"``: only where ``openvino_has_bf16()``)."""
 
-    name = "openvino"
-
-    def __init__(self, graph: Path, threads: int) -> None:
+    def __init__(self, graph: Path, threads: int, precision: str = "f32") -> None:
         try:
             import openvino as ov
         except ImportError as error:
             raise RuntimeUnavailable(f"OpenVINO is not installed ({error})") from error
+        self.name = BF16 if precision == "bf16" else "openvino"
         self._core = ov.Core()
         self._config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY",
-                        "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+                        "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": precision}
         try:
             model = self._core.read_model(str(graph))
             window = [d.get_length() for d in model.input(0).get_partial_shape()[1:]]
@@ -272,14 +292,18 @@ RUNNERS: dict[str, Callable[[Path, int], WindowRunner]] = {"openvino": OpenVINOR
 
 def build_runner(name: str, make_network: Callable[[], Any], weights_sha256: str, window_zyx,
                  in_channels: int, threads: int) -> WindowRunner:
-    """A window runner of the ONNX runtime ``name`` for one network (see ``onnx_graph``).
+    """A window runner of the ONNX runtime ``name`` (or ``openvino-bf16``) for one network (see
+    ``onnx_graph``).
 
     Raises RuntimeUnavailable when the runtime is missing or fails to export or compile the model.
     """
-    if importlib.util.find_spec(_MODULES[name]) is None:
-        raise RuntimeUnavailable(f"it is not installed (pip install {name}, or the engine's "
+    module = _MODULES["openvino" if name == BF16 else name]
+    if importlib.util.find_spec(module) is None:
+        raise RuntimeUnavailable(f"it is not installed (pip install {module}, or the engine's "
                                  "'fast' extra)")
     graph = onnx_graph(make_network, weights_sha256, tuple(window_zyx), in_channels)
+    if name == BF16:
+        return OpenVINORunner(graph, threads, precision="bf16")
     return RUNNERS[name](graph, threads)
 
 
@@ -298,6 +322,11 @@ def select_runtime(requested: str, device: str, networks: list, make_network: Ca
 
     check_runtime(requested)
     notes: list[str] = []
+    if requested == BF16 and device == "cpu" and not openvino_has_bf16():
+        if importlib.util.find_spec("openvino") is not None:
+            notes.append("This CPU has no native bfloat16 (AVX512_BF16 or AMX) for OpenVINO; running "
+                         "OpenVINO float32.")
+        requested = "openvino"  # (without OpenVINO, the lines below say so and run PyTorch)
     if requested == INT8 and device == "cpu":
         graph = int8_graph() if int8_graph is not None else None
         if graph is None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -534,7 +535,7 @@ def _resize(image: np.ndarray, shape, order: int, dtype=np.float64) -> np.ndarra
         zoom = [o / i for i, o in zip(image.shape, shape)]
         return ndimage.zoom(image, zoom, output=dtype, order=order, mode="nearest", grid_mode=True)
     low, high = image.min(), image.max()
-    out = _zoom_spline(image, shape, order, dtype)
+    out = _zoom_cubic_by_axis(image, shape, dtype) if order == 3 else _zoom_spline(image, shape, order, dtype)
     np.clip(out, low, high, out=out)  # skimage clips to the input's range
     return out
 
@@ -566,6 +567,102 @@ def _zoom_spline(image: np.ndarray, shape, order: int, dtype) -> np.ndarray:
     offset = [0.5 * f - 0.5 + pad for f in factor]
     return ndimage.affine_transform(padded, factor, offset=offset, output_shape=tuple(shape), output=dtype,
                                     order=order, mode="nearest", prefilter=False)
+
+
+# one slab of the axis-by-axis resize holds at most this many float64 values (16 M: 128 MB)
+SLAB_VALUES = 16 * 1024 * 1024
+
+
+CUBIC_POLE = math.sqrt(3.0) - 2.0
+
+
+def _cubic_prefilter(c: np.ndarray) -> None:
+    """SciPy's order-3 ``spline_filter1d(c, axis=0, mode="nearest")``, in place on float64 ``c``,
+    every line along axis 0 at once (SciPy filters line by line, and along a slow axis 3x slower).
+
+    The same operations in the same order as ``ni_splines.c`` (``apply_filter`` with the reflect
+    initialisation that mode "nearest" uses): the gain, the causal initialisation, the forward
+    recursion, the anticausal initialisation and the backward recursion. The initial sum stops once
+    the pole's power is below 1e-18 (SciPy goes on into subnormal numbers, which add nothing).
+    """
+    z = CUBIC_POLE
+    n = c.shape[0]
+    c *= (1.0 - z) * (1.0 - 1.0 / z)
+    if n == 1:
+        return
+    z_n = z ** n
+    c0 = c[0].copy()
+    acc = c[0] + z_n * c[n - 1]
+    z_i = z
+    tmp = np.empty_like(c[0])
+    for i in range(1, n):
+        if abs(z_i) < 1e-18:
+            break
+        np.multiply(c[n - 1 - i], z_n, out=tmp)
+        tmp += c[i]
+        tmp *= z_i
+        acc += tmp
+        z_i *= z
+    acc *= z / (1.0 - z_n * z_n)
+    acc += c0
+    c[0] = acc
+    for i in range(1, n):
+        np.multiply(c[i - 1], z, out=tmp)
+        c[i] += tmp
+    c[n - 1] *= z / (z - 1.0)
+    for i in range(n - 2, -1, -1):
+        np.subtract(c[i + 1], c[i], out=c[i])
+        c[i] *= z
+
+
+def _zoom_cubic_by_axis(image: np.ndarray, shape, dtype) -> np.ndarray:
+    """``_zoom_spline`` of order 3, one axis at a time: the same numbers (to float64 rounding), in a
+    third of the time and without a whole-scan float64 copy.
+
+    A tensor-product B-spline separates: filtering the scan along every axis and interpolating in 3-D
+    equals filtering and interpolating along one axis, then the next, on data already resized along
+    the first (edge replication along one axis commutes with work along another). Axes that shrink
+    most go first, so the later ones work on less data; each axis works in slabs of at most
+    ``SLAB_VALUES`` float64 values. Random values on 512 x 300 x 512 to nnU-Net's 148 x 154 x 148
+    (2 cores, while other work ran): 1.6 s against 3.7 s, with slabs of 128 MB in place of the 3-D
+    filter's padded float64 copy (745 MB); 5 of 3.4 M float32 values differ, by 1 unit in the last
+    place.
+    """
+    pad = SPLINE_PAD
+    x = image
+    axes = sorted(range(image.ndim), key=lambda a: shape[a] / image.shape[a])
+    for step, axis in enumerate(axes):
+        n_in, n_out = x.shape[axis], int(shape[axis])
+        if n_in == n_out:
+            continue  # interpolating a spline at its own knots gives the data back
+        factor = n_in / n_out
+        coords = (np.arange(n_out) + 0.5) * factor - 0.5 + pad  # grid mode, in the padded line
+        base = np.floor(coords)
+        t = coords - base
+        first = base.astype(np.intp) - 1
+        weights = [(1 - t) ** 3 / 6, (3 * t ** 3 - 6 * t ** 2 + 4) / 6,
+                   (-3 * t ** 3 + 3 * t ** 2 + 3 * t + 1) / 6, t ** 3 / 6]
+        moved = np.moveaxis(x, axis, 0)  # a view: the axis being resized first
+        rest = moved.shape[1:]
+        out = np.empty((n_out, *rest), np.float64 if step < len(axes) - 1 else dtype)
+        per_row = (n_in + 2 * pad) * int(np.prod(rest[1:], dtype=np.int64))
+        rows = max(1, SLAB_VALUES // max(1, per_row))
+        for r in range(0, rest[0], rows):
+            chunk = moved[:, r:r + rows]
+            line = np.empty((n_in + 2 * pad, *chunk.shape[1:]), np.float64)
+            line[pad:pad + n_in] = chunk
+            line[:pad] = line[pad]
+            line[pad + n_in:] = line[pad + n_in - 1]
+            _cubic_prefilter(line)
+            expand = (slice(None),) + (None,) * (line.ndim - 1)
+            acc = weights[0][expand] * line[first]
+            for k in range(1, 4):
+                acc += weights[k][expand] * line[first + k]
+            out[:, r:r + rows] = acc
+        x = np.moveaxis(out, 0, axis)
+    if x is image:  # no axis changed size
+        return np.array(image, dtype)
+    return np.ascontiguousarray(x, dtype)
 
 
 def separate_z(current_spacing, new_spacing, force: bool | None) -> int | None:
@@ -614,8 +711,9 @@ def resample(data: np.ndarray, new_shape, axis: int | None, order: int, order_z:
     return out
 
 
-def normalize(data: np.ndarray, mask: np.ndarray, section: dict[str, Any]) -> np.ndarray:
-    """nnU-Net's per-channel normalisation (in place on float32 ``data``)."""
+def normalize(data: np.ndarray, mask: np.ndarray | None, section: dict[str, Any]) -> np.ndarray:
+    """nnU-Net's per-channel normalisation (in place on float32 ``data``); ``mask`` (the filled
+    non-zero mask) is read only by channels with ``use_mask_for_norm``."""
     for c, scheme in enumerate(section["normalization_schemes"]):
         x = data[c]
         props = section["intensity_properties"][c]
@@ -639,20 +737,24 @@ def normalize(data: np.ndarray, mask: np.ndarray, section: dict[str, Any]) -> np
     return data
 
 
-def _nonzero_box(data: np.ndarray):
-    """nnU-Net's ``crop_to_nonzero`` box (and mask): non-zero in any channel, holes filled."""
+def _nonzero_box(data: np.ndarray, need_mask: bool = True):
+    """nnU-Net's ``crop_to_nonzero`` box (and mask): non-zero in any channel, holes filled.
+
+    Filling holes adds only voxels the mask encloses, inside its bounding box, so the box is that of
+    the mask as it is; the filled mask, which only a normalisation with ``use_mask_for_norm`` reads,
+    is made only when ``need_mask`` (None otherwise: for CT, 0.6 s less on 512 x 512 x 300).
+    """
     from scipy.ndimage import binary_fill_holes
+
+    from .boxes import bounding_box
 
     mask = data[0] != 0
     for c in range(1, data.shape[0]):
         mask |= data[c] != 0
-    mask = binary_fill_holes(mask)
-    from .boxes import bounding_box
-
     box = bounding_box(mask, margin=0)
     if box is None:
-        return tuple(slice(0, s) for s in mask.shape), mask
-    return box, mask[box]
+        box = tuple(slice(0, s) for s in mask.shape)
+    return box, binary_fill_holes(mask[box]) if need_mask else None
 
 
 def _grid_geometry(reference, box_kji, new_shape_kji):
@@ -694,12 +796,12 @@ def prepare(images: list, section: dict[str, Any]):
     data = arrays[0][None] if len(arrays) == 1 else np.stack(arrays)  # no second copy of one channel
     del arrays
     spacing_kji = list(first.GetSpacing())[::-1]
-    box, mask = _nonzero_box(data)
+    box, mask = _nonzero_box(data, need_mask=any(section["use_mask_for_norm"]))
     data = data[(slice(None), *box)]
     crop_shape = data.shape[1:]
     forward = section["transpose_forward"]
     data = np.ascontiguousarray(data.transpose([0, *[a + 1 for a in forward]]))
-    mask = mask.transpose(forward)
+    mask = mask.transpose(forward) if mask is not None else None
     current = [spacing_kji[a] for a in forward]
     target = section["spacing"]
     new_shape = [int(round(c / t * s)) for c, t, s in zip(current, target, data.shape[1:])]
@@ -765,6 +867,7 @@ def run_windows(predictor, array: np.ndarray, sw_device: str, report, is_cancell
     # nnU-Net accumulates the weighted logits in float16 (also on the CPU); so do we, for the same
     # rounding near ties (and half the memory of float32)
     weight = torch.from_numpy(gaussian(tile))
+    weight32 = weight.float()  # float16 -> float32 is exact: the same products, without the casts
     n_classes = model.out_channels
     windows = list(itertools.product(*starts))
     batch = max(1, predictor.sw_batch_size or len(flips))
@@ -777,7 +880,7 @@ def run_windows(predictor, array: np.ndarray, sw_device: str, report, is_cancell
         for corner in windows:
             sl = tuple(slice(c, c + t) for c, t in zip(corner, tile))
             patch = x[(slice(None), *sl)][None]
-            summed = torch.zeros((n_classes, *tile), dtype=torch.float32)
+            summed = None  # the window's logits summed over networks and mirrors (float32)
             for runner in runners:
                 # each mirror is its own input; several go to the network as one batch
                 for first in range(0, len(flips), batch):
@@ -787,11 +890,16 @@ def run_windows(predictor, array: np.ndarray, sw_device: str, report, is_cancell
                     inputs = torch.cat([torch.flip(patch, f) if f else patch for f in group])
                     out = runner(inputs.to(sw_device)).float().cpu()
                     for i, f in enumerate(group):
-                        summed += torch.flip(out[i:i + 1], f)[0] if f else out[i]
+                        one = torch.flip(out[i:i + 1], f)[0] if f else out[i]
+                        if summed is None:  # the first output itself, not a sum into zeros
+                            summed = one if one.is_contiguous() else one.clone()
+                        else:
+                            summed += one
                     done += len(group)
                     report("inference", min(1.0, done / total))
-            summed /= len(flips) * len(runners)
-            logits[(slice(None), *sl)] += summed.mul_(weight)
+            if len(flips) * len(runners) > 1:
+                summed /= len(flips) * len(runners)
+            logits[(slice(None), *sl)] += summed.mul_(weight32)
             norm[sl] += weight
     after_scan(runners)
     torch.div(logits, norm, out=logits)

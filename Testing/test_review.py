@@ -279,3 +279,28 @@ def test_label_counts_match_a_whole_array_bincount(shape):
     expected = np.bincount(array.ravel(), minlength=9)[:8]
     assert np.array_equal(label_counts(array, 8), expected)
     assert label_counts(np.zeros(shape, np.uint8), 8)[0] == array.size
+
+
+def test_label_independent_maps_computed_once_give_each_labels_own_measures():
+    """An untrained network's labels are everywhere, so their crops together exceed the grid; then
+    the softmax entropy and the tempered sums are computed once over the whole grid and cropped per
+    label. Each label's measures must be exactly those computed in its own crop, and the square roots
+    that stand for powers 1/2 and 1/4 must match the powers."""
+    import torch
+
+    from unetseg_engine import review
+
+    rng = np.random.default_rng(7)
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(5, 30, 34, 28)).astype(np.float32)),
+                          0).numpy()
+    top = probs.argmax(0)
+    shared: dict = {}
+    for channel in range(1, 5):
+        mask = top == channel
+        crop = review._crop(mask)
+        own = review.confidence_measures(probs, mask, channel, False, crop)
+        assert review.confidence_measures(probs, mask, channel, False, crop, None, shared) == own
+    assert set(shared) == {"entropy", *[("total", t) for t in review.TEMPERATURES.values()]}
+    x = rng.random(100_000).astype(np.float32)
+    for t in (2, 4, 3):
+        np.testing.assert_allclose(review._root(x, t), np.power(x, np.float32(1 / t)), rtol=2e-7)

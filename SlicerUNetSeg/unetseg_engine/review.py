@@ -98,11 +98,17 @@ def _crop(mask: np.ndarray, margin: int = 2) -> tuple[slice, ...] | None:
 
 
 # ---- confidence -------------------------------------------------------------------------------
-def _uncertainty(probs: np.ndarray, crop, multilabel: bool, channel: int | None = None) -> np.ndarray:
+def _uncertainty(probs: np.ndarray, crop, multilabel: bool, channel: int | None = None,
+                 shared: dict | None = None) -> np.ndarray:
     """Normalised entropy (0 certain .. 1 uniform) of the class distribution inside ``crop``.
 
     Multi-label models: the binary entropy of ``channel`` (or, for the map, the largest over labels).
+    ``shared`` (softmax models; see ``build_review``): computed once over the whole grid, then cropped.
     """
+    if shared is not None and not multilabel:
+        if "entropy" not in shared:
+            shared["entropy"] = _uncertainty(probs, (slice(None),) * (probs.ndim - 1), False)
+        return shared["entropy"][crop]
     eps = np.float32(1e-7)
     if multilabel:
         channels = [channel] if channel is not None else range(probs.shape[0])
@@ -121,7 +127,8 @@ def _uncertainty(probs: np.ndarray, crop, multilabel: bool, channel: int | None 
 
 
 def confidence_measures(probs: np.ndarray, mask: np.ndarray, channel: int, multilabel: bool,
-                        crop) -> dict[str, float]:
+                        crop, unc: np.ndarray | None = None, shared: dict | None = None
+                        ) -> dict[str, float]:
     """Every candidate confidence of one label, from its model-grid ``mask`` and the probabilities.
 
     - ``max_prob``: mean probability of the label inside its mask.
@@ -132,6 +139,8 @@ def confidence_measures(probs: np.ndarray, mask: np.ndarray, channel: int, multi
     - ``soft_dice_t2``, ``soft_dice_t4``: the same with the probabilities softened by a temperature
       (p^(1/T), renormalised over classes; as dividing the logits by T), which counters the
       network's overconfidence, so that thin organs, whose voxels are mostly border, score lower.
+
+    ``unc``: ``_uncertainty`` in ``crop``, if the caller has it; ``shared``: see ``build_review``.
     """
     from scipy import ndimage
 
@@ -139,7 +148,8 @@ def confidence_measures(probs: np.ndarray, mask: np.ndarray, channel: int, multi
     p = probs[channel][crop]
     inner = ndimage.binary_erosion(m)
     shell = ndimage.binary_dilation(m) & ~inner
-    unc = _uncertainty(probs, crop, multilabel, channel if multilabel else None)
+    if unc is None:
+        unc = _uncertainty(probs, crop, multilabel, channel if multilabel else None, shared)
     top = np.maximum(p, 1 - p) if multilabel else np.max(probs[(slice(None),) + crop], axis=0)
     inside = float(p[m].mean())
     out = {
@@ -149,7 +159,7 @@ def confidence_measures(probs: np.ndarray, mask: np.ndarray, channel: int, multi
         "soft_dice": _soft_dice(p, m),
     }
     for name, t in TEMPERATURES.items():
-        out[name] = _soft_dice(_tempered(probs, channel, crop, t, multilabel), m)
+        out[name] = _soft_dice(_tempered(probs, channel, crop, t, multilabel, shared), m)
     n = float(m.sum())
     band = float(((p > 0.05) & (p < 0.95)).sum())
     out["uncertain_band"] = 1.0 - band / (n + band)
@@ -162,19 +172,39 @@ def _soft_dice(p: np.ndarray, m: np.ndarray) -> float:
     return 2.0 * float(p[m].sum()) / (float(p.sum()) + float(m.sum()))
 
 
-def _tempered(probs: np.ndarray, channel: int, crop, t: float, multilabel: bool) -> np.ndarray:
-    """``channel``'s probability at temperature ``t`` (logits / t) inside ``crop``."""
+def _root(x: np.ndarray, t: float) -> np.ndarray:
+    """``x ** (1 / t)``; square roots for t = 2 and 4 (5x faster than a float power, same to 1 ulp)."""
+    if t == 2:
+        return np.sqrt(x)
+    if t == 4:
+        return np.sqrt(np.sqrt(x))
+    return np.power(x, np.float32(1.0 / t))
+
+
+def _tempered(probs: np.ndarray, channel: int, crop, t: float, multilabel: bool,
+              shared: dict | None = None) -> np.ndarray:
+    """``channel``'s probability at temperature ``t`` (logits / t) inside ``crop``. ``shared``
+    (softmax models; see ``build_review``): the sum over classes computed once over the whole grid."""
     eps = np.float32(1e-12)
-    power = np.float32(1.0 / t)
     if multilabel:
         p = probs[channel][crop]
-        a, b = np.power(p + eps, power), np.power(1 - p + eps, power)
+        a, b = _root(p + eps, t), _root(1 - p + eps, t)
         return a / (a + b)
-    num = np.power(probs[channel][crop] + eps, power)
-    total = np.zeros_like(num)
+    num = _root(probs[channel][crop] + eps, t)
+    if shared is not None:
+        key = ("total", t)
+        if key not in shared:
+            shared[key] = _tempered_total(probs, (slice(None),) * (probs.ndim - 1), t)
+        return num / shared[key][crop]
+    return num / _tempered_total(probs, crop, t)
+
+
+def _tempered_total(probs: np.ndarray, crop, t: float) -> np.ndarray:
+    eps = np.float32(1e-12)
+    total = np.zeros(probs[0][crop].shape, np.float32)
     for c in range(probs.shape[0]):
-        total += np.power(probs[c][crop] + eps, power)
-    return num / total
+        total += _root(probs[c][crop] + eps, t)
+    return total
 
 
 def _focus(unc: np.ndarray, mask: np.ndarray, crop, grid: sitk.Image) -> list[float]:
@@ -253,6 +283,12 @@ def build_review(probs: np.ndarray, prepared, model, label_map: sitk.Image, mask
     body_lo, body_hi = body_bounds(prepared.reference, prepared.box)
     entries: list[dict[str, Any]] = []
     found: dict[str, dict[str, Any]] = {}
+    crops = {value: _crop(mask) for value, mask in raw.items()}
+    # A softmax model's entropy and tempered sums do not depend on the label: when the labels' crops
+    # together exceed the grid (an untrained or confused network, whose labels are everywhere), they
+    # are computed once over the whole grid; otherwise each label computes them in its own crop
+    covered = sum(int(np.prod([s.stop - s.start for s in crop])) for crop in crops.values() if crop)
+    shared: dict | None = {} if not multilabel and covered > probs[0].size else None
     for c, label in enumerate(model.labels):
         value = label["value"]
         channel = c if multilabel else c + 1
@@ -260,12 +296,12 @@ def build_review(probs: np.ndarray, prepared, model, label_map: sitk.Image, mask
         entry: dict[str, Any] = {"value": value, "name": label["name"],
                                  "volume_ml": round(volumes.get(value, 0.0), 3), "confidence": None,
                                  "flags": [], "focus_ras": None, "measures": {}}
-        crop = _crop(mask)
+        crop = crops[value]
         if crop is not None:
-            measures = confidence_measures(probs, mask, channel, multilabel, crop)
+            unc = _uncertainty(probs, crop, multilabel, channel if multilabel else None, shared)
+            measures = confidence_measures(probs, mask, channel, multilabel, crop, unc, shared)
             entry["measures"] = {k: round(v, 4) for k, v in measures.items()}
             entry["confidence"] = entry["measures"][CONFIDENCE_MEASURE]
-            unc = _uncertainty(probs, crop, multilabel, channel if multilabel else None)
             entry["focus_ras"] = [round(v, 2) for v in _focus(unc, mask, crop, grid)]
             kji = np.argwhere(mask).mean(axis=0)
             centre = np.array(grid.TransformContinuousIndexToPhysicalPoint([float(kji[2]), float(kji[1]),

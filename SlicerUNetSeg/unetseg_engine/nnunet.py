@@ -723,6 +723,7 @@ def normalize(data: np.ndarray, mask: np.ndarray | None, section: dict[str, Any]
             x /= max(props["std"], 1e-8)
         elif scheme == "ZScoreNormalization":
             if section["use_mask_for_norm"][c]:
+                assert mask is not None, "the caller computes the mask when a channel uses it"
                 values = x[mask]
                 mean, std = values.mean(), values.std()
                 x[mask] = (x[mask] - mean) / max(std, 1e-8)
@@ -897,6 +898,7 @@ def run_windows(predictor, array: np.ndarray, sw_device: str, report, is_cancell
                             summed += one
                     done += len(group)
                     report("inference", min(1.0, done / total))
+            assert summed is not None  # every window has at least one network and one mirror
             if len(flips) * len(runners) > 1:
                 summed /= len(flips) * len(runners)
             logits[(slice(None), *sl)] += summed.mul_(weight32)

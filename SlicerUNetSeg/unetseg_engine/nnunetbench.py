@@ -138,8 +138,8 @@ def _agreement(a: Path, b: Path, labels) -> dict[str, Any]:
 def run(folder: Path | None, case: str, sizes, threads=None, mirror=True, runtimes=("torch",),
         log=print) -> dict[str, Any]:
     """nnU-Net's predictor once per size, ours once per size and runtime (``runtimes``: torch,
-    openvino, onnxruntime, openvino-bf16); each case entry holds ``nnunet`` and ``ours`` (runtime -> figures, with
-    the time and memory ratios and the agreement of that runtime's labels with nnU-Net's)."""
+    openvino, onnxruntime, openvino-bf16); each case entry holds ``nnunet`` and ``ours`` (runtime ->
+    figures, with the time and memory ratios and the agreement of that runtime's labels with nnU-Net's)."""
     from .benchmark import machine_info, make_inputs
     from .nnunet import import_nnunet
     from .runtimes import BF16, RUNTIMES

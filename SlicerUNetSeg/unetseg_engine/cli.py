@@ -475,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtimes", default="installed",
                    help="our engine on these runtimes, comma-separated (torch, openvino, onnxruntime, "
                         "openvino-int8 (not with --against nnunet), openvino-bf16; "
-                        "default: every installed one)")
+                        "default: every installed one, and with --against nnunet openvino-bf16 "
+                        "where the CPU has bfloat16)")
     p.add_argument("--json", dest="json_path", help="write the results as JSON here")
     p.add_argument("--threads", type=int, help="CPU threads for both pipelines (default: PyTorch's)")
     p.add_argument("--keep", help="keep the inputs and both label maps in this folder")

@@ -5,7 +5,8 @@ is, and resampled to the clinical 512 x 512 x 300 grid, as ``benchmark.py`` does
 predictor in its own child process (``python -m unetseg_engine.nnunetbench --child nnunet|ours``) so
 each peak resident memory (VmHWM) is its own. ``total_s``: reading the file to the label map on
 the input grid, model already loaded. Ours runs once per runtime asked for (``--runtimes``: torch,
-openvino, onnxruntime; default every installed one); for the compiled runtimes the ONNX graph is
+openvino, onnxruntime, openvino-bf16; default every installed one, and openvino-bf16 where the CPU
+has bfloat16); for the compiled runtimes the ONNX graph is
 exported into the cache by a first child that only loads the model (as a user's first run does), so
 the measured child's peak memory is that of a prediction. Both mirror over the checkpoint's axes
 (nnU-Net's default) unless ``--no-mirror``. Agreement: per-label Dice between the two label maps;
@@ -202,12 +203,13 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def benchmark_cli(args) -> int:
-    from .runtimes import installed_runtimes
+    from .runtimes import BF16, installed_runtimes, openvino_has_bf16
 
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     wanted = getattr(args, "runtimes", "installed")
-    runtimes = installed_runtimes() if wanted in (None, "installed") else \
-        [r.strip() for r in wanted.split(",") if r.strip()]
+    # by default every installed runtime, and OpenVINO at bfloat16 where the CPU has it
+    runtimes = installed_runtimes() + ([BF16] if openvino_has_bf16() else []) \
+        if wanted in (None, "installed") else [r.strip() for r in wanted.split(",") if r.strip()]
     report = run(args.nnunet_folder, args.case, sizes, threads=args.threads,
                  mirror=not args.no_mirror, runtimes=runtimes,
                  log=lambda text: print(text, file=sys.stderr, flush=True))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UNetSegError
+from ..runtimes import RUNTIME_CHOICES
 
 TOKEN_ENV = "UNETSEG_SERVER_TOKEN"
 MIN_TOKEN_CHARS = 16
@@ -112,7 +113,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--workers", type=int, help="jobs run at once (default: one per GPU; on a CPU, 1, "
                                                "which uses every core)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino", "onnxruntime"])
+    p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
+                   help="what runs the network on a CPU, as for segment (openvino-int8, openvino-bf16: "
+                        "see the README's Runtimes)")
     p.add_argument("--threads", type=int, help="CPU threads per worker (default: PyTorch's)")
     p.add_argument("--ssl-certfile", dest="ssl_certfile")
     p.add_argument("--ssl-keyfile", dest="ssl_keyfile")

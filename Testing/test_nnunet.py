@@ -480,3 +480,25 @@ def test_cubic_prefilter_is_scipys():
         _cubic_prefilter(ours)
         np.testing.assert_allclose(ours, ndimage.spline_filter1d(a, 3, axis=0, mode="nearest"),
                                    rtol=0, atol=1e-12 * np.abs(a).max())
+
+
+@pytest.mark.slow
+def test_benchmark_against_nnunet_times_both_and_reports_their_agreement(tmp_path):
+    """``unetseg benchmark --against nnunet`` on the trained fixture and a real scan: nnUNetPredictor
+    and ours each in their own process, with times, peak memories, their ratios and the per-label
+    agreement of the two label maps (the same labels: Dice at least 0.99) in the report and table."""
+    from unetseg_engine import nnunetbench
+
+    report = nnunetbench.run(TRAINED, "pt_236", ["native"], threads=1, mirror=False,
+                             runtimes=["torch"], log=lambda text: None)
+    (case,) = report["cases"]
+    theirs, ours = case["nnunet"], case["ours"]["torch"]
+    assert "error" not in theirs and "error" not in ours, (theirs, ours)
+    assert theirs["total_s"] > 0 and ours["total_s"] > 0
+    assert ours["time_ratio"] == pytest.approx(ours["total_s"] / theirs["total_s"])
+    assert ours["memory_ratio"] == pytest.approx(ours["peak_rss_mb"] / theirs["peak_rss_mb"])
+    assert 200 < theirs["peak_rss_mb"] < 20000 and 200 < ours["peak_rss_mb"] < 20000
+    assert len(ours["agreement_dice"]) >= 4, ours["agreement_dice"]
+    assert min(ours["agreement_dice"].values()) >= 0.99, ours["agreement_dice"]
+    table = nnunetbench.format_table(report)
+    assert "| pt_236 | 128x128x" in table and f"{ours['time_ratio']:.2f}" in table

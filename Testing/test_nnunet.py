@@ -8,7 +8,10 @@ is a test dependency only: the engine never imports it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -502,3 +505,25 @@ def test_benchmark_against_nnunet_times_both_and_reports_their_agreement(tmp_pat
     assert min(ours["agreement_dice"].values()) >= 0.99, ours["agreement_dice"]
     table = nnunetbench.format_table(report)
     assert "| pt_236 | 128x128x" in table and f"{ours['time_ratio']:.2f}" in table
+
+
+def test_an_nnunet_prediction_does_not_load_monai(tmp_path):
+    """nnU-Net models run on the engine's own windows: MONAI (173 MB resident once imported) stays
+    out of the process, so the peak memory the benchmark compares with nnUNetPredictor's is ours."""
+    package = _import(TRAINED, "openkbp-nnunet-tiny", tmp_path)
+    image_path, _ = openkbp("pt_201")
+    code = ("import sys, SimpleITK as sitk\n"
+            "from unetseg_engine.inference import Predictor\n"
+            "from unetseg_engine.modelpkg import load_package\n"
+            "p = Predictor(device='cpu', runtime='torch', mirror=False)\n"
+            f"p.load(load_package({str(package.path)!r}))\n"
+            f"r = p.predict([sitk.ReadImage({str(image_path)!r})])\n"
+            "print(int(sitk.GetArrayViewFromImage(r.label_map).max()),"
+            " sorted(m for m in sys.modules if m.split('.')[0] == 'monai'))\n")
+    engine = Path(nnunet.__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(engine)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    labels_max, modules = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert int(labels_max) >= 5  # it segmented organs
+    assert modules == "[]", modules

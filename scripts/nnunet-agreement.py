@@ -24,23 +24,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-
-def dice(a: np.ndarray, b: np.ndarray) -> float | None:
-    total = int(a.sum()) + int(b.sum())
-    return round(2.0 * float((a & b).sum()) / total, 4) if total else None
+from unetseg_engine.metrics import dice
 
 
-def nnunet_labels(folder: Path, scan: Path, mirror: bool) -> np.ndarray:
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirror,
-                                perform_everything_on_device=False, device=torch.device("cpu"),
-                                verbose=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(folder), use_folds=None,
-                                                   checkpoint_name="checkpoint_final.pth")
-    data, props = SimpleITKIO().read_images([str(scan)])
-    return predictor.predict_single_npy_array(data, props, None, None, False)
+def present_dice(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Dice of two masks, None where the label is in neither (nothing to agree on)."""
+    return round(dice(a, b), 4) if a.any() or b.any() else None
 
 
 def main() -> int:
@@ -55,8 +44,11 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
     from unetseg_engine.inference import Predictor
     from unetseg_engine.nnunet import import_nnunet
+    from unetseg_engine.nnunetbench import nnunet_predictor
 
     report = []
     with tempfile.TemporaryDirectory(prefix="unetseg-agree-") as tmp:
@@ -68,26 +60,30 @@ def main() -> int:
         for runtime in [r.strip() for r in args.runtimes.split(",") if r.strip()]:
             predictors[runtime] = Predictor(device="cpu", runtime=runtime, mirror=args.mirror)
             predictors[runtime].load(package)
+        nnunet = nnunet_predictor(args.folder, args.mirror)
         for scan in args.scans:
-            theirs = nnunet_labels(args.folder, scan, args.mirror)
+            data, props = SimpleITKIO().read_images([str(scan)])
+            theirs = nnunet.predict_single_npy_array(data, props, None, None, False)
+            image = sitk.ReadImage(str(scan))
             truth = None
             if args.labels:
                 name = scan.name.replace("_0000.", ".")
                 truth = sitk.GetArrayFromImage(sitk.ReadImage(str(args.labels / name)))
             for runtime, predictor in predictors.items():
-                result = predictor.predict([sitk.ReadImage(str(scan))])
+                result = predictor.predict([image])
                 ours = sitk.GetArrayFromImage(result.label_map)
                 entry = {"scan": scan.name, "runtime": result.runtime, "messages": result.messages,
                          "voxels_differing": int((ours != theirs).sum()), "voxels": int(ours.size),
                          "agreement_dice": {}}
                 for label in labels:
                     v = label["value"]
-                    score = dice(ours == v, theirs == v)
+                    score = present_dice(ours == v, theirs == v)
                     if score is not None:
                         entry["agreement_dice"][label["name"]] = score
                     if truth is not None:
                         entry.setdefault("truth_dice", {})[label["name"]] = {
-                            "nnunet": dice(theirs == v, truth == v), "ours": dice(ours == v, truth == v)}
+                            "nnunet": present_dice(theirs == v, truth == v),
+                            "ours": present_dice(ours == v, truth == v)}
                 entry["worst"] = min(entry["agreement_dice"].values(), default=None)
                 report.append(entry)
                 print(f"{scan.name} {result.runtime}: worst per-label Dice against nnUNetPredictor "

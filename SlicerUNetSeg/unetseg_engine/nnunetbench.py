@@ -39,6 +39,20 @@ from .errors import UNetSegError
 FIXTURE_PLANS = Path(__file__).resolve().parents[2] / "Testing" / "fixtures" / "nnunet"
 
 
+def nnunet_predictor(folder, mirror: bool):
+    """nnU-Net's own predictor on the CPU for every fold of ``folder``, as nnUNetv2_predict sets it
+    up (step 0.5, Gaussian weights, mirroring as asked)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirror,
+                                perform_everything_on_device=False, device=torch.device("cpu"),
+                                verbose=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=None,
+                                                   checkpoint_name="checkpoint_final.pth")
+    return predictor
+
+
 def _child(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", choices=["nnunet", "ours"], required=True)
@@ -60,14 +74,8 @@ def _child(argv=None) -> int:
     t = time.perf_counter()
     if args.child == "nnunet":
         from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True,
-                                    use_mirroring=not args.no_mirror,
-                                    perform_everything_on_device=False, device=torch.device("cpu"),
-                                    verbose=False, allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(args.folder, use_folds=None,
-                                                       checkpoint_name="checkpoint_final.pth")
+        predictor = nnunet_predictor(args.folder, mirror=not args.no_mirror)
         result["load_model_s"] = time.perf_counter() - t
         t = time.perf_counter()
         data, props = SimpleITKIO().read_images([args.input])

@@ -527,3 +527,16 @@ def test_an_nnunet_prediction_does_not_load_monai(tmp_path):
     labels_max, modules = out.stdout.strip().splitlines()[-1].split(" ", 1)
     assert int(labels_max) >= 5  # it segmented organs
     assert modules == "[]", modules
+
+
+@pytest.mark.parametrize("tile", [(128, 128, 128), (48, 32, 48), (40, 224, 192), (7, 9)])
+def test_gaussian_weights_are_nnunets_bit_for_bit(tile):
+    import torch
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    # as nnUNetPredictor calls it
+    theirs = compute_gaussian(tile, sigma_scale=1.0 / 8, value_scaling_factor=10, dtype=torch.float16,
+                              device=torch.device("cpu")).numpy()
+    ours = nnunet.gaussian(tile)
+    assert ours.dtype == np.float16 and ours.shape == tuple(tile)
+    assert np.array_equal(ours.view(np.uint16), theirs.view(np.uint16))

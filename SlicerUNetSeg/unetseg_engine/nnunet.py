@@ -29,6 +29,7 @@ Everything at the top of this module imports without torch (listing models must 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -829,17 +830,33 @@ def window_starts(image_size, tile_size, step: float) -> list[list[int]]:
     return steps
 
 
-def gaussian(tile_size, sigma_scale: float = 1.0 / 8, value_scaling_factor: float = 10) -> np.ndarray:
-    """nnU-Net's ``compute_gaussian``, in float16 as nnU-Net's predictor uses it."""
-    from scipy.ndimage import gaussian_filter
+@functools.lru_cache(maxsize=4)
+def _gaussian(tile_size: tuple[int, ...], sigma_scale: float, value_scaling_factor: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter1d
 
-    tmp = np.zeros(tile_size)
-    tmp[tuple(i // 2 for i in tile_size)] = 1
-    g = gaussian_filter(tmp, [i * sigma_scale for i in tile_size], 0, mode="constant", cval=0)
+    # nnU-Net filters a delta in 3-D (scipy's gaussian_filter: one correlate1d per axis). A delta
+    # filtered along an axis is one kernel weight times the value, the zeros adding nothing, so the
+    # result is the outer product of the three 1-D filtered deltas, multiplied in the same order:
+    # the same float64 numbers, bit for bit, in 1/10 of the time (0.38 -> 0.03 s at 128^3)
+    g = np.ones((1,) * len(tile_size))
+    for axis, size in enumerate(tile_size):
+        delta = np.zeros(size)
+        delta[size // 2] = 1
+        shape = [1] * len(tile_size)
+        shape[axis] = size
+        g = g * gaussian_filter1d(delta, size * sigma_scale, mode="constant", cval=0).reshape(shape)
     g /= g.max() / value_scaling_factor
-    g = g.astype(np.float16)
+    # via float32, as torch's ``.to(torch.float16)`` in nnU-Net converts (a direct float64 -> float16
+    # rounding differs by one unit in the last place on some weights: 100 of 40 x 224 x 192)
+    g = g.astype(np.float32).astype(np.float16)
     g[g == 0] = g[g > 0].min()
     return g
+
+
+def gaussian(tile_size, sigma_scale: float = 1.0 / 8, value_scaling_factor: float = 10) -> np.ndarray:
+    """nnU-Net's ``compute_gaussian``, in float16 as nnU-Net's predictor uses it (a copy of the
+    cached one: 4 MB at 128^3)."""
+    return _gaussian(tuple(int(t) for t in tile_size), float(sigma_scale), float(value_scaling_factor)).copy()
 
 
 def mirror_combinations(axes: list[int]) -> list[tuple[int, ...]]:

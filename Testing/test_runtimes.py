@@ -219,8 +219,20 @@ def test_bfloat16_runs_where_the_cpu_has_it_and_otherwise_float32_with_one_line(
         assert predictor.runtime == runtimes.BF16 and not predictor.runtime_notes
         import openvino as ov
 
-        compiled = predictor.window_runners[0]._compiled
+        runner = predictor.window_runners[0]
+        compiled = runner._compiled
         assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+        # the convolution that reads the scan stays float32, every other one runs at bfloat16
+        # (the compiled model's own record of what each layer runs at)
+        ran = [(op.get_rt_info()["originalLayersNames"].astype(str),
+                op.get_rt_info()["runtimePrecision"].astype(str))
+               for op in compiled.get_runtime_model().get_ordered_ops()
+               if op.get_rt_info()["layerType"].astype(str) == "Convolution"]
+        model = ov.Core().read_model(str(runner.graph))
+        first = [n.get_friendly_name() for n in runtimes.input_convolutions(model)]
+        assert len(first) == 1 and len(ran) > 1
+        assert [p for names, p in ran if first[0] in names.split(",")] == ["f32"], ran
+        assert [p for names, p in ran if first[0] not in names.split(",")] == ["bf16"] * (len(ran) - 1), ran
     monkeypatch.setattr(runtimes, "openvino_has_bf16", lambda: False)
     predictor = Predictor(device="cpu", runtime=runtimes.BF16)
     predictor.load(tiny_package)

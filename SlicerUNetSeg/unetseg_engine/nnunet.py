@@ -837,7 +837,8 @@ def _gaussian(tile_size: tuple[int, ...], sigma_scale: float, value_scaling_fact
     # nnU-Net filters a delta in 3-D (scipy's gaussian_filter: one correlate1d per axis). A delta
     # filtered along an axis is one kernel weight times the value, the zeros adding nothing, so the
     # result is the outer product of the three 1-D filtered deltas, multiplied in the same order:
-    # the same float64 numbers, bit for bit, in 1/10 of the time (0.38 -> 0.03 s at 128^3)
+    # the same float64 numbers, bit for bit (at 128^3 the 3-D filter takes 0.45 s, the three 1-D
+    # ones under 0.01 s once the memory is warm; the whole function 0.13 s on a busy machine)
     g = np.ones((1,) * len(tile_size))
     for axis, size in enumerate(tile_size):
         delta = np.zeros(size)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from . import metrics
 from .benchmark import _peak_rss_mb
 from .errors import UNetSegError
 
@@ -140,7 +141,7 @@ def _agreement(a: Path, b: Path, labels) -> dict[str, Any]:
     for label in labels:
         p, q = x == label["value"], y == label["value"]
         if p.sum() + q.sum():
-            dice[label["name"]] = round(2 * float((p & q).sum()) / float(p.sum() + q.sum()), 4)
+            dice[label["name"]] = round(metrics.dice(p, q), 4)
     return {"agreement_dice": dice, "voxels_differing": int((x != y).sum())}
 
 
